@@ -1,0 +1,24 @@
+"""One file per method, each `quantize(weight, stats, scheme, **args) -> QWeight` plus `NEEDS`, the
+calibration statistics it wants (empty for data-free methods). METHODS is the whole registry."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from ..errors import BitsmithError
+from . import rtn
+
+METHODS: dict[str, ModuleType] = {"rtn": rtn}
+# Methods that are not a weight quantizer: they only round the model to a float dtype.
+CAST_METHODS = {"fp16": "float16", "bf16": "bfloat16", "none": None}
+
+
+def get(name: str) -> ModuleType:
+    if name not in METHODS:
+        valid = ", ".join([*METHODS, *CAST_METHODS])
+        raise BitsmithError(f"unknown method {name!r}; valid methods: {valid}")
+    return METHODS[name]
+
+
+def names() -> list[str]:
+    return [*METHODS, *CAST_METHODS]

@@ -1,0 +1,243 @@
+"""The `bitsmith` command line, calling the public API only. Errors become one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import BitsmithError
+
+log = logging.getLogger("bitsmith")
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        self.exit(2, f"bitsmith: error: {message} (see `{self.prog} --help`)\n")
+
+
+# ---- argument types ----------------------------------------------------------------------------------
+def _bits(text: str) -> int:
+    try:
+        b = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--bits takes an integer from 1 to 8, got {text!r}") from None
+    if not 1 <= b <= 8:
+        raise argparse.ArgumentTypeError(f"--bits takes an integer from 1 to 8, got {b}")
+    return b
+
+
+def _group_size(text: str) -> int | None:
+    try:
+        g = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--group-size takes a positive integer or -1, got {text!r}") from None
+    if g == -1:
+        return None
+    if g < 1:
+        raise argparse.ArgumentTypeError(f"--group-size takes a positive integer or -1 (per-channel), got {g}")
+    return g
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+# ---- commands ----------------------------------------------------------------------------------------
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from . import checkpoint, methods
+    from .apply import quantize_model
+    from .recipe import Recipe, Scheme
+    from .size import size_report
+
+    if a.recipe:
+        recipe = Recipe.from_yaml(a.recipe)
+    else:
+        if a.method not in methods.names():
+            raise BitsmithError(f"unknown method {a.method!r}; valid methods: {', '.join(methods.names())}")
+        args = {"mse": True} if a.mse_clip else {}
+        recipe = Recipe(method=a.method, scheme=Scheme(bits=a.bits, group_size=a.group_size, symmetric=a.sym,
+                                                       grid=a.grid), targets=tuple(a.targets or ("*",)),
+                        ignore=tuple(a.ignore) if a.ignore is not None else Recipe().ignore,
+                        method_args=args, seed=a.seed)
+    out = Path(a.output)
+    checkpoint.check_output(out, a.overwrite)          # fail before loading anything
+    lm = _load(a.model)
+    t0 = time.perf_counter()
+    report = quantize_model(lm.model, recipe, progress=not a.json)
+    seconds = time.perf_counter() - t0
+    extra = {"recipe.yaml": recipe.to_yaml(), "quant_report.json": json.dumps(
+        {"seconds": seconds, "layers": report}, indent=2) + "\n"}
+    checkpoint.save(lm.model, out, tokenizer=lm.tokenizer, source_dir=lm.source_dir, overwrite=a.overwrite,
+                    extra_files=extra)
+    size = size_report(lm.model)
+    from .size import file_bytes
+
+    summary = {"output": str(out), "method": recipe.method, "scheme": recipe.scheme.label(),
+               "layers": len(report), "seconds": round(seconds, 2), "file_bytes": file_bytes(out),
+               "bits_per_weight": size["bits_per_weight"], "quantized_bpw": size["quantized_bpw"]}
+    if a.json:
+        print(json.dumps(summary))
+    else:
+        print(f"quantized {summary['layers']} layers of {a.model} with {recipe.method} {recipe.scheme.label()} "
+              f"in {seconds:.1f} s -> {out}")
+        print(f"file {_mb(summary['file_bytes'])}, {size['bits_per_weight']:.3f} bits/weight overall, "
+              f"{(size['quantized_bpw'] or 0):.3f} in quantized layers")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .evaluate import perplexity
+    from .models import load_text
+    from .size import file_bytes, size_report
+
+    lm = _load(a.model)
+    _, eval_text = load_text(a.text)
+    size = size_report(lm.model)
+    result = {"model": a.model}
+    if lm.kind == "causal-lm":
+        result.update(perplexity(lm.model, lm.tokenizer, eval_text, seq_len=a.seq_len, max_tokens=a.max_tokens,
+                                 progress=not a.json))
+    else:
+        result["note"] = f"perplexity needs a causal language model; {a.model} is an {lm.kind}"
+    on_disk = lm.source_dir is not None and _is_checkpoint(lm.source_dir)
+    result.update({"size_bytes": file_bytes(lm.source_dir) if on_disk else size["payload_bytes"],
+                   "size_source": "file" if on_disk else "tensors", "memory_bytes": size["memory_bytes"],
+                   "bits_per_weight": size["bits_per_weight"], "weights": size["weights"]})
+    if a.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from .inspect import inspect_checkpoint, render
+
+    info = inspect_checkpoint(a.dir)
+    print(json.dumps(info, indent=2) if a.json else render(info))
+    return 0
+
+
+def cmd_env(a: argparse.Namespace) -> int:
+    from .env import environment, render
+
+    info = environment()
+    print(json.dumps(info, indent=2) if a.json else render(info))
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .compare import run_compare
+
+    rows = run_compare(a.model or DEFAULT_MODEL, methods=a.methods.split(","),
+                       bits=[_bits(b) for b in a.bits.split(",")], group_size=a.group_size, text=a.text,
+                       seq_len=a.seq_len, max_tokens=a.max_tokens, progress=not a.json)
+    if a.json:
+        print(json.dumps(rows))
+    else:
+        from .compare import render_table
+
+        print(render_table(rows))
+    return 0
+
+
+# ---- plumbing ----------------------------------------------------------------------------------------
+def _load(spec: str):
+    from .models import load_any
+
+    return load_any(spec)
+
+
+def _is_checkpoint(path) -> bool:
+    from .checkpoint import is_checkpoint
+
+    return is_checkpoint(path)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bitsmith", description="Quantize models, measure what it cost, export to runtimes.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it")
+    q.add_argument("model", help="bundled name (smollm2-135m, minilm-l6), HF directory, .gguf file or hub id")
+    q.add_argument("--method", default="rtn", help="quantization method (default rtn)")
+    q.add_argument("--bits", type=_bits, default=4, help="bits per weight, 1..8 (default 4)")
+    q.add_argument("--group-size", type=_group_size, default=None,
+                   help="input features per scale; -1 = per output channel (default)")
+    q.add_argument("--sym", action="store_true", help="symmetric grid (no zero point)")
+    q.add_argument("--grid", default="int", help="int, nf4, fp4, fp8_e4m3, fp8_e5m2, binary, ternary")
+    q.add_argument("--mse-clip", action="store_true", help="RTN: search clipping ranges minimising MSE")
+    q.add_argument("--targets", nargs="+", help="glob or re: patterns of modules to quantize (default all linears)")
+    q.add_argument("--ignore", nargs="*", help="patterns of modules to keep (default lm_head)")
+    q.add_argument("--recipe", help="YAML recipe (overrides the method/scheme flags)")
+    q.add_argument("--output", "-o", required=True, help="output directory")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity, size and bits per weight of a model or checkpoint")
+    e.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    e.add_argument("--text", help="UTF-8 text file (default: the Python docs, held-out part)")
+    e.add_argument("--seq-len", type=_positive, default=1024)
+    e.add_argument("--max-tokens", type=_positive, default=4096)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("inspect", help="per-layer table of a quantized checkpoint")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    v = sub.add_parser("env", help="versions, devices and which optional parts are usable")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_env)
+
+    c = sub.add_parser("compare", help="quantize one model many ways and compare size and perplexity")
+    c.add_argument("model", nargs="?", default=None)
+    c.add_argument("--methods", default="rtn")
+    c.add_argument("--bits", default="8,4")
+    c.add_argument("--group-size", type=_group_size, default=64)
+    c.add_argument("--text")
+    c.add_argument("--seq-len", type=_positive, default=1024)
+    c.add_argument("--max-tokens", type=_positive, default=4096)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except BitsmithError as e:
+        print(f"bitsmith: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bitsmith: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, MemoryError) as e:
+        print(f"bitsmith: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
+import shutil
 import time
+from pathlib import Path
 
 from . import methods
 from .apply import quantize_model
 from .recipe import Recipe, Scheme
-from .size import size_report
+from .checkpoint import save
+from .size import file_bytes, size_report
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +41,9 @@ def plan(method_names: list[str], bits: list[int], group_size: int | None) -> tu
 
 
 def evaluate_configs(lm, configs: list[tuple[str, Recipe | None]], eval_text: str, *, seq_len: int = 1024,
-                     max_tokens: int = 4096, progress: bool = False) -> list[dict]:
-    """One row per configuration; `None` as recipe is the unquantized model."""
+                     max_tokens: int = 4096, progress: bool = False, save_root: Path | None = None) -> list[dict]:
+    """One row per configuration; `None` as recipe is the unquantized model. With `save_root`, each model
+    is also saved there and the row gets the measured `file_bytes`."""
     from .evaluate import perplexity
 
     rows = []
@@ -53,7 +58,7 @@ def evaluate_configs(lm, configs: list[tuple[str, Recipe | None]], eval_text: st
         row = {"config": label, "method": recipe.method if recipe else "none",
                "bits": recipe.scheme.bits if recipe and recipe.method not in methods.CAST_METHODS else None,
                "group_size": recipe.scheme.group_size if recipe else None,
-               "size_bytes": size["payload_bytes"], "bits_per_weight": size["bits_per_weight"],
+               "size_bytes": size["payload_bytes"], "memory_bytes": size["memory_bytes"], "bits_per_weight": size["bits_per_weight"],
                "quantized_bpw": size["quantized_bpw"], "quantize_seconds": round(qsec, 2)}
         if lm.kind == "causal-lm":
             res = perplexity(model, lm.tokenizer, eval_text, seq_len=seq_len, max_tokens=max_tokens, progress=progress)
@@ -61,6 +66,10 @@ def evaluate_configs(lm, configs: list[tuple[str, Recipe | None]], eval_text: st
             if recipe is None:
                 base_ppl = res["ppl"]
             row["dppl"] = None if base_ppl is None else res["ppl"] - base_ppl
+        if save_root is not None:
+            out = save(model, Path(save_root) / _slug(label), overwrite=True)
+            row["file_bytes"] = file_bytes(out)
+            shutil.rmtree(out, ignore_errors=True)
         rows.append(row)
         if model is not lm.model:
             del model
@@ -78,6 +87,10 @@ def run_compare(spec: str, *, methods: list[str], bits: list[int], group_size: i
     _, eval_text = load_text(text)
     return evaluate_configs(lm, [("fp32 (unquantized)", None), *configs], eval_text, seq_len=seq_len,
                             max_tokens=max_tokens, progress=progress)
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")
 
 
 def render_table(rows: list[dict]) -> str:

@@ -66,6 +66,10 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         if a.method not in methods.names():
             raise BitsmithError(f"unknown method {a.method!r}; valid methods: {', '.join(methods.names())}")
         args = {"mse": True} if a.mse_clip else {}
+        if a.act_order:
+            args["act_order"] = True
+        if a.damp is not None:
+            args["damp"] = a.damp
         recipe = Recipe(method=a.method, scheme=Scheme(bits=a.bits, group_size=a.group_size, symmetric=a.sym,
                                                        grid=a.grid), targets=tuple(a.targets or ("*",)),
                         ignore=tuple(a.ignore) if a.ignore is not None else Recipe().ignore,
@@ -74,7 +78,13 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     checkpoint.check_output(out, a.overwrite)          # fail before loading anything
     lm = _load(a.model)
     t0 = time.perf_counter()
-    report = quantize_model(lm.model, recipe, progress=not a.json)
+    calib = {}
+    if recipe.method in methods.METHODS and methods.get(recipe.method).NEEDS:
+        from .models import load_text
+
+        calib = {"tokenizer": lm.tokenizer, "calib_text": load_text(a.calib_text)[0],
+                 "n_samples": a.calib_samples, "seq_len": a.calib_seq_len}
+    report = quantize_model(lm.model, recipe, progress=not a.json, **calib)
     seconds = time.perf_counter() - t0
     extra = {"recipe.yaml": recipe.to_yaml(), "quant_report.json": json.dumps(
         {"seconds": seconds, "layers": report}, indent=2) + "\n"}
@@ -184,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sym", action="store_true", help="symmetric grid (no zero point)")
     q.add_argument("--grid", default="int", help="int, nf4, fp4, fp8_e4m3, fp8_e5m2, binary, ternary")
     q.add_argument("--mse-clip", action="store_true", help="RTN: search clipping ranges minimising MSE")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by descending Hessian diagonal")
+    q.add_argument("--damp", type=float, default=None, help="GPTQ: damping as a fraction of the mean diagonal (0.01)")
+    q.add_argument("--calib-text", help="UTF-8 text for calibration (default: the Python docs, calibration part)")
+    q.add_argument("--calib-samples", type=_positive, default=128, help="calibration samples (default 128)")
+    q.add_argument("--calib-seq-len", type=_positive, default=512, help="tokens per calibration sample (default 512)")
     q.add_argument("--targets", nargs="+", help="glob or re: patterns of modules to quantize (default all linears)")
     q.add_argument("--ignore", nargs="*", help="patterns of modules to keep (default lm_head)")
     q.add_argument("--recipe", help="YAML recipe (overrides the method/scheme flags)")

@@ -165,7 +165,9 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 # ---- plumbing ----------------------------------------------------------------------------------------
 def _load(spec: str):
-    from .models import load_any
+    from .models import load_any, quiet_transformers
+
+    quiet_transformers()   # our own progress bars and errors only
 
     return load_any(spec)
 
@@ -239,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:          # --help, or a one-line usage error already printed
+        return int(e.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)

@@ -82,6 +82,16 @@ def bundled_path(name: str) -> Path:
     return path
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' own progress bars and warnings (the CLI shows its own)."""
+    try:
+        import transformers
+    except ImportError:
+        return
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def _require_transformers() -> Any:
     try:
         import transformers

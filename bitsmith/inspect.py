@@ -43,7 +43,7 @@ def read_header(path: Path) -> dict[str, dict]:
 
 def _weights_of(info: dict) -> int:
     t = info["type"]
-    if t == "linear":
+    if t.startswith("linear"):          # linear, linear_int8 (LLM.int8()), linear_hadamard (incoherence)
         return info["in_features"] * info["out_features"]
     if t == "conv2d":
         kh, kw = info["kernel_size"]

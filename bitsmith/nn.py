@@ -5,20 +5,32 @@ Each module rebuilds its `QWeight` on demand (`qweight()`) and runs the referenc
 the float op. Fast kernels (issue 8) plug in behind `forward` without changing the stored format.
 Integer zero points are packed at the weight's bit width (as GPTQ's qzeros); fractional ones (HQQ,
 imported GGUF Q4_1) are stored as float16.
+
+`QWeight.transform` tensors are stored as buffers of the same name, exactly as given. Two kinds exist:
+storage of the scales themselves (NF4 double quantization: `scale_codes`/`scale_absmax`/`scale_offset`
+replace the float `scale` buffer), and run-time transforms, which a module class must apply in its forward
+(its TRANSFORMS): `Int8MixedLinear` (LLM.int8(), `outlier_threshold`) and `HadamardLinear` (incoherence,
+`had_in`/`had_out`). `QuantLinear.from_qweight` picks the class that applies exactly the transforms a
+QWeight carries, and refuses one it cannot apply rather than computing something else.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .numerics import float_dtype
+from .errors import BitsmithError
+from .numerics import dtype_name, float_dtype
 from .packing import pack, packed_row_bytes, unpack
-from .primitives import QWeight, dequantize_weight, group_size_for
+from .primitives import (QWeight, double_dequantize, dequantize_weight, group_size_for, random_hadamard,
+                         unpack_signs)
 from .recipe import Scheme
 
 ZERO_KINDS = ("none", "packed", "float16")
+SCALE_TRANSFORMS = ("scale_codes", "scale_absmax", "scale_offset")   # double-quantized scales (NF4 + DQ)
 
 
 def zero_kind(qw: QWeight) -> str:
@@ -29,25 +41,53 @@ def zero_kind(qw: QWeight) -> str:
     return "packed" if integral else "float16"
 
 
-class _Packed(nn.Module):
-    """Shared storage of one quantized 2-D weight (N, K): packed codes, scales, zeros, act-order perm."""
+def transform_spec(qw: QWeight) -> dict[str, dict]:
+    """{name: {"shape", "dtype"}} of a QWeight's transform tensors: what a module must store for it."""
+    return {name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for name, t in (qw.transform or {}).items()}
 
-    def __init__(self, n: int, k: int, scheme: Scheme, method: str, zero: str, has_perm: bool) -> None:
+
+def runtime_transforms(spec: dict) -> set[str]:
+    """The transform names a module's forward must apply (all but the scale storage)."""
+    return set(spec) - set(SCALE_TRANSFORMS)
+
+
+class _Packed(nn.Module):
+    """Shared storage of one quantized 2-D weight (N, K): packed codes, scales, zeros, act-order perm, and
+    the QWeight's transform tensors (see the module docstring)."""
+
+    TRANSFORMS: tuple[str, ...] = ()      # run-time transforms this class applies in forward
+
+    def __init__(self, n: int, k: int, scheme: Scheme, method: str, zero: str, has_perm: bool,
+                 transform: dict[str, dict] | None = None) -> None:
         super().__init__()
         self.n, self.k, self.scheme, self.method, self.zero_kind = n, k, scheme, method, zero
+        self.transform_spec = dict(transform or {})
+        unknown = runtime_transforms(self.transform_spec) - set(self.TRANSFORMS)
+        if unknown:
+            raise BitsmithError(f"{type(self).__name__} cannot apply the transform(s) {', '.join(sorted(unknown))} "
+                                f"at run time (method {method})")
         groups = -(-k // group_size_for(k, scheme.group_size))
+        self.n_groups = groups            # scale groups per row (not QuantConv2d's conv groups)
         self.register_buffer("qcodes", torch.zeros(n, packed_row_bytes(k, scheme.bits), dtype=torch.uint8))
-        self.register_buffer("scale", torch.ones(n, groups, dtype=float_dtype(scheme.scale_dtype)))
+        if "scale_codes" not in self.transform_spec:
+            self.register_buffer("scale", torch.ones(n, groups, dtype=float_dtype(scheme.scale_dtype)))
         if zero == "packed":
             self.register_buffer("qzero", torch.zeros(n, packed_row_bytes(groups, scheme.bits), dtype=torch.uint8))
         elif zero == "float16":
             self.register_buffer("zero", torch.zeros(n, groups, dtype=torch.float16))
         if has_perm:
             self.register_buffer("perm", torch.arange(k, dtype=torch.int32))
+        for name, spec in self.transform_spec.items():
+            if hasattr(self, name):
+                raise BitsmithError(f"transform name {name!r} clashes with an attribute of {type(self).__name__}")
+            self.register_buffer(name, torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"])))
 
     def _store(self, qw: QWeight) -> None:
         self.qcodes.copy_(pack(qw.codes, self.scheme.bits))
-        self.scale.copy_(qw.scale)
+        if "scale_codes" not in self.transform_spec:
+            self.scale.copy_(qw.scale)
+        for name in self.transform_spec:
+            getattr(self, name).copy_(qw.transform[name])
         if self.zero_kind == "packed":
             self.qzero.copy_(pack(qw.zero.round().to(torch.uint8), self.scheme.bits))
         elif self.zero_kind == "float16":
@@ -55,23 +95,36 @@ class _Packed(nn.Module):
         if qw.perm is not None:
             self.perm.copy_(qw.perm)
 
+    def scales(self) -> torch.Tensor:
+        """(N, G) scales: the stored buffer, or rebuilt from their 8-bit double quantization."""
+        if "scale_codes" in self.transform_spec:
+            return double_dequantize(self.scale_codes, self.scale_absmax, self.scale_offset)
+        return self.scale
+
+    def transforms(self) -> dict[str, torch.Tensor] | None:
+        return {name: getattr(self, name) for name in self.transform_spec} or None
+
     def qweight(self) -> QWeight:
-        groups = self.scale.shape[1]
+        groups = self.n_groups
         zero = None
         if self.zero_kind == "packed":
             zero = unpack(self.qzero, self.scheme.bits, groups).float()
         elif self.zero_kind == "float16":
             zero = self.zero.float()
         perm = getattr(self, "perm", None)
-        return QWeight(unpack(self.qcodes, self.scheme.bits, self.k), self.scale, zero, self.scheme, perm)
+        return QWeight(unpack(self.qcodes, self.scheme.bits, self.k), self.scales(), zero, self.scheme, perm,
+                       self.transforms())
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.qweight(), dtype)
 
     def quant_info(self) -> dict:
         """What checkpoint.py records for this module so `load` can rebuild it."""
-        return {"type": self.kind, "method": self.method, "scheme": _scheme_dict(self.scheme),
+        info = {"type": self.kind, "method": self.method, "scheme": _scheme_dict(self.scheme),
                 "zero": self.zero_kind, "perm": hasattr(self, "perm"), **self.shape_info()}
+        if self.transform_spec:
+            info["transform"] = self.transform_spec
+        return info
 
     def extra_repr(self) -> str:
         return f"{self.shape_info()}, method={self.method}, scheme={self.scheme.label()}"
@@ -87,16 +140,22 @@ class QuantLinear(_Packed):
 
     def __init__(self, in_features: int, out_features: int, scheme: Scheme, *, bias: bool = False,
                  method: str = "rtn", zero: str = "packed", has_perm: bool = False,
-                 bias_dtype: torch.dtype = torch.float32) -> None:
-        super().__init__(out_features, in_features, scheme, method, zero, has_perm)
+                 bias_dtype: torch.dtype = torch.float32, transform: dict[str, dict] | None = None) -> None:
+        super().__init__(out_features, in_features, scheme, method, zero, has_perm, transform)
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype), requires_grad=False) if bias else None
 
     @classmethod
     def from_qweight(cls, qw: QWeight, bias: torch.Tensor | None = None, method: str = "rtn") -> QuantLinear:
+        """The one constructor apply.py and calibrate.py call: called on QuantLinear, it returns the
+        subclass whose forward applies the QWeight's run-time transforms (LLM.int8(), incoherence)."""
         n, k = qw.codes.shape
+        spec = transform_spec(qw)
+        if cls is QuantLinear:
+            cls = linear_class(spec)
         m = cls(k, n, qw.scheme, bias=bias is not None, method=method, zero=zero_kind(qw),
-                has_perm=qw.perm is not None, bias_dtype=bias.dtype if bias is not None else torch.float32)
+                has_perm=qw.perm is not None, bias_dtype=bias.dtype if bias is not None else torch.float32,
+                transform=spec)
         m._store(qw)
         if bias is not None:
             m.bias.data.copy_(bias.detach())
@@ -118,9 +177,10 @@ class QuantConv2d(_Packed):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], scheme: Scheme, *,
                  stride=1, padding=0, dilation=1, groups: int = 1, bias: bool = False, method: str = "rtn",
-                 zero: str = "packed", has_perm: bool = False, bias_dtype: torch.dtype = torch.float32) -> None:
+                 zero: str = "packed", has_perm: bool = False, bias_dtype: torch.dtype = torch.float32,
+                 transform: dict[str, dict] | None = None) -> None:
         kh, kw = kernel_size
-        super().__init__(out_channels, in_channels // groups * kh * kw, scheme, method, zero, has_perm)
+        super().__init__(out_channels, in_channels // groups * kh * kw, scheme, method, zero, has_perm, transform)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.bias = nn.Parameter(torch.zeros(out_channels, dtype=bias_dtype), requires_grad=False) if bias else None
@@ -130,7 +190,7 @@ class QuantConv2d(_Packed):
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, qw.scheme, stride=conv.stride,
                 padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                 method=method, zero=zero_kind(qw), has_perm=qw.perm is not None,
-                bias_dtype=conv.bias.dtype if conv.bias is not None else torch.float32)
+                bias_dtype=conv.bias.dtype if conv.bias is not None else torch.float32, transform=transform_spec(qw))
         m._store(qw)
         if conv.bias is not None:
             m.bias.data.copy_(conv.bias.detach())
@@ -155,15 +215,16 @@ class QuantEmbedding(_Packed):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, scheme: Scheme, *, padding_idx=None,
                  method: str = "rtn", zero: str = "packed", has_perm: bool = False,
-                 out_dtype: torch.dtype = torch.float32) -> None:
-        super().__init__(num_embeddings, embedding_dim, scheme, method, zero, has_perm)
+                 out_dtype: torch.dtype = torch.float32, transform: dict[str, dict] | None = None) -> None:
+        super().__init__(num_embeddings, embedding_dim, scheme, method, zero, has_perm, transform)
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.out_dtype = out_dtype
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, qw: QWeight, method: str = "rtn") -> QuantEmbedding:
         m = cls(emb.num_embeddings, emb.embedding_dim, qw.scheme, padding_idx=emb.padding_idx, method=method,
-                zero=zero_kind(qw), has_perm=qw.perm is not None, out_dtype=emb.weight.dtype)
+                zero=zero_kind(qw), has_perm=qw.perm is not None, out_dtype=emb.weight.dtype,
+                transform=transform_spec(qw))
         m._store(qw)
         return m
 
@@ -175,10 +236,10 @@ class QuantEmbedding(_Packed):
         flat = ids.reshape(-1)
         zero = None
         if self.zero_kind == "packed":
-            zero = unpack(self.qzero[flat], self.scheme.bits, self.scale.shape[1]).float()
+            zero = unpack(self.qzero[flat], self.scheme.bits, self.n_groups).float()
         elif self.zero_kind == "float16":
             zero = self.zero[flat].float()
-        rows = QWeight(unpack(self.qcodes[flat], self.scheme.bits, self.k), self.scale[flat], zero, self.scheme,
+        rows = QWeight(unpack(self.qcodes[flat], self.scheme.bits, self.k), self.scales()[flat], zero, self.scheme,
                        getattr(self, "perm", None))
         return dequantize_weight(rows, self.out_dtype).view(*ids.shape, self.embedding_dim)
 
@@ -187,16 +248,94 @@ def _pair(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-QUANT_MODULES = {"linear": QuantLinear, "conv2d": QuantConv2d, "embedding": QuantEmbedding}
+# ---- run-time variants of QuantLinear ------------------------------------------------------------------
+INT_MM_CHUNK = 1024   # 1024 * 128 * 128 = 2^24: fp32 partial sums of int8 products stay exact integers
+
+
+def int8_matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(M, K) int8 @ (K, N) int8 -> (M, N) int32, exactly, with fp32 matmuls over K-chunks of 1024."""
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
+    for k0 in range(0, a.shape[1], INT_MM_CHUNK):
+        out += (a[:, k0:k0 + INT_MM_CHUNK].float() @ b[k0:k0 + INT_MM_CHUNK].float()).to(torch.int32)
+    return out
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(M, K) int8 @ (K, N) int8 -> (M, N) int32: torch._int_mm on CUDA where its shape rules hold (M > 16,
+    K and N multiples of 8), else the exact reference (CPU's _int_mm is many times slower than fp32 GEMM)."""
+    m, k = a.shape
+    if a.is_cuda and hasattr(torch, "_int_mm") and m > 16 and k % 8 == 0 and b.shape[1] % 8 == 0:
+        return torch._int_mm(a, b.contiguous())
+    return int8_matmul_reference(a, b)
+
+
+class Int8MixedLinear(QuantLinear):
+    """LLM.int8() (Dettmers et al. 2022): int8 row-wise weights; per forward, input columns where any
+    |x| > `outlier_threshold` go through a float matmul with those weight columns, the rest through
+    int8 x int8 with per-token absmax scales."""
+
+    kind = "linear_int8"
+    TRANSFORMS = ("outlier_threshold",)
+
+    def __init__(self, in_features: int, out_features: int, scheme: Scheme, **kw) -> None:
+        if scheme.bits != 8 or not scheme.symmetric or scheme.grid != "int" or scheme.group_size is not None:
+            raise BitsmithError(f"LLM.int8() needs symmetric 8-bit per-channel int weights, got {scheme.label()}")
+        super().__init__(in_features, out_features, scheme, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.k).float()                                    # (M, K)
+        outliers = (x2.abs() > self.outlier_threshold).any(0)                 # (K,) outlier input columns
+        w8 = (self.qcodes ^ 128).view(torch.int8)                             # (N, K): unsigned code - 128
+        sw = self.scales().float().view(1, -1)                                # (1, N) row scales
+        xr = x2.masked_fill(outliers, 0.0)
+        sx = xr.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127           # (M, 1) per-token scales
+        xq = torch.round(xr / sx).to(torch.int8)
+        y = int8_matmul(xq, w8.t()).float() * sx * sw                         # (M, N)
+        if bool(outliers.any()):
+            cols = outliers.nonzero().squeeze(1)
+            y = y + x2[:, cols] @ (w8[:, cols].float() * sw.t()).t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class HadamardLinear(QuantLinear):
+    """Incoherence processing (QuIP#): the codes describe W' = U W V^T with random-sign Hadamards U, V;
+    y = W x = U^T (W' (V x)): the input transform V runs on the activations, the output transform U^T on
+    the result, each a fast Walsh-Hadamard (O(d log d) per token) next to the O(N K) matmul."""
+
+    kind = "linear_hadamard"
+    TRANSFORMS = ("had_in", "had_out")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xt = random_hadamard(x, unpack_signs(self.had_in, self.k))                        # V x
+        w = dequantize_weight(dataclasses.replace(self.qweight(), transform=None), x.dtype)  # W' (N, K)
+        y = random_hadamard(F.linear(xt, w), unpack_signs(self.had_out, self.n), inverse=True)  # U^T (W' V x)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+QUANT_MODULES = {"linear": QuantLinear, "conv2d": QuantConv2d, "embedding": QuantEmbedding,
+                 "linear_int8": Int8MixedLinear, "linear_hadamard": HadamardLinear}
+LINEAR_CLASSES = (QuantLinear, Int8MixedLinear, HadamardLinear)
+
+
+def linear_class(spec: dict) -> type[QuantLinear]:
+    """The linear module class whose forward applies exactly the run-time transforms in `spec`."""
+    wanted = runtime_transforms(spec)
+    for cls in LINEAR_CLASSES:
+        if set(cls.TRANSFORMS) == wanted:
+            return cls
+    raise BitsmithError(f"no quantized linear module applies the transform(s) {', '.join(sorted(wanted))}")
 
 
 def build_empty(info: dict, dtype: torch.dtype = torch.float32) -> _Packed:
     """An empty module of the recorded kind and shape, ready for `load_state_dict`."""
     scheme = Scheme(**info["scheme"])
-    common = {"method": info["method"], "zero": info["zero"], "has_perm": info["perm"]}
-    if info["type"] == "linear":
-        return QuantLinear(info["in_features"], info["out_features"], scheme, bias=info["bias"],
-                           bias_dtype=dtype, **common)
+    common = {"method": info["method"], "zero": info["zero"], "has_perm": info["perm"],
+              "transform": info.get("transform")}
+    if info["type"] in ("linear", "linear_int8", "linear_hadamard"):
+        return QUANT_MODULES[info["type"]](info["in_features"], info["out_features"], scheme, bias=info["bias"],
+                                           bias_dtype=dtype, **common)
     if info["type"] == "conv2d":
         pad = info["padding"]
         return QuantConv2d(info["in_channels"], info["out_channels"], tuple(info["kernel_size"]), scheme,

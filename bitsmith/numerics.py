@@ -95,3 +95,68 @@ def float_dtype(name: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+# ---- Hadamard matrices -------------------------------------------------------------------------------
+# Incoherence processing (QuIP#) needs an orthogonal H of every weight dimension n. Sylvester's construction
+# covers powers of two; LLM widths like 576 = 36 * 16 and 1536 = 12 * 128 need a dense Hadamard factor of
+# order 4m (m odd) next to a power of two: H_n = H_4m (x) H_(n/4m) is again Hadamard. Paley's constructions
+# give H_4m whenever 4m - 1 (Paley I) or 2m - 1 (Paley II) is prime: 12, 20, 28, 36, 44, 60, 76, ...
+def _is_prime(q: int) -> bool:
+    return q >= 2 and all(q % d for d in range(2, int(q**0.5) + 1))
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    """(q, q) Q[i, j] = Legendre symbol of (j - i) mod q, for a prime q."""
+    squares = {(x * x) % q for x in range(1, q)}
+    chi = torch.tensor([0] + [1 if a in squares else -1 for a in range(1, q)], dtype=torch.float64)
+    idx = (torch.arange(q).view(1, -1) - torch.arange(q).view(-1, 1)) % q
+    return chi[idx]
+
+
+def _paley(order: int) -> torch.Tensor | None:
+    """A Hadamard matrix of `order` (a multiple of 4) by Paley I or II with a prime q, or None."""
+    q = order - 1
+    if _is_prime(q) and q % 4 == 3:                        # Paley I: H = I + S, S skew conference matrix
+        s = torch.zeros(order, order, dtype=torch.float64)
+        s[0, 1:], s[1:, 0], s[1:, 1:] = 1.0, -1.0, _jacobsthal(q)
+        return torch.eye(order, dtype=torch.float64) + s
+    q = order // 2 - 1
+    if order % 2 == 0 and _is_prime(q) and q % 4 == 1:    # Paley II: symmetric conference matrix, doubled
+        c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+        c[0, 1:], c[1:, 0], c[1:, 1:] = 1.0, 1.0, _jacobsthal(q)
+        one = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+        zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+        return torch.kron(c, one) + torch.kron((c == 0).double(), zero)
+    return None
+
+
+def hadamard_factors(n: int) -> tuple[torch.Tensor | None, int, int]:
+    """How bitsmith's orthogonal transform of size n is built: (dense, p, blocks) with n = blocks * d * p.
+
+    `dense` is a (d, d) +-1 Hadamard matrix (None when d = 1) and p a power of two (Sylvester, applied by the
+    fast Walsh-Hadamard transform): the transform is I_blocks (x) H_d (x) H_p, normalised. blocks > 1 only
+    when no Hadamard of the needed order is known here (n = 2^a * m, m odd, neither 4m - 1 nor 2m - 1
+    prime): then it is block-diagonal with 2^a-sized Walsh-Hadamard blocks, exactly orthogonal but mixing
+    only within a block (for odd n it is the identity and only the random signs remain)."""
+    if n < 1:
+        raise BitsmithError(f"a Hadamard transform needs a positive size, got {n}")
+    p2 = n & -n                                           # largest power of two dividing n
+    m = n // p2
+    if m == 1:
+        return None, n, 1
+    if p2 >= 4:
+        h = _paley(4 * m)
+        if h is not None:
+            return h.float(), p2 // 4, 1
+    return None, p2, m
+
+
+def hadamard_supported(n: int) -> bool:
+    """True when the transform of size n is a full Hadamard (mixes all n coordinates)."""
+    return hadamard_factors(n)[2] == 1
+
+
+# Double quantization (QLoRA): the per-block absmax constants are themselves stored as 8-bit codes in flat
+# blocks of this many, each block with one fp32 absmax; with NF4 block 64: 4 + 8/64 + 32/(64*256) = 4.127 bpw.
+DQ_BLOCK = 256

@@ -12,12 +12,15 @@ group may be ragged. Codes are stored unsigned (see numerics.py); `QWeight` carr
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .errors import BitsmithError
-from .numerics import FP8_DTYPES, FP8_MAX, IntGrid, codebook, float_dtype
+from .numerics import DQ_BLOCK, FP8_DTYPES, FP8_MAX, IntGrid, codebook, float_dtype, hadamard_factors
+from .packing import pack, unpack
 from .recipe import Scheme
 
 
@@ -228,4 +231,95 @@ def dequantize_weight(qw: QWeight, dtype: torch.dtype = torch.float32) -> torch.
         w = (codebook(grid).to(qw.codes.device)[to_groups(qw.codes, g).long()] * scale).view(n, -1)[:, :k]
     if qw.perm is not None:
         w = torch.empty_like(w).index_copy_(1, qw.perm.long(), w)
+    if qw.transform is not None and "had_in" in qw.transform:    # incoherence: codes describe U W V^T
+        w = undo_hadamard(w, qw.transform)
     return w.to(dtype)
+
+
+# ---- double quantization of scales (QLoRA) -----------------------------------------------------------
+def double_quantize(scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(N, G) positive scales -> 8-bit codes of (scale - mean) in flat blocks of DQ_BLOCK, each block with
+    its own fp32 absmax, plus the fp32 mean (QLoRA's double quantization, with a linear symmetric 8-bit
+    grid where bitsandbytes uses its dynamic 8-bit map). Storage: 8 + 32 / DQ_BLOCK bits per scale."""
+    n, g = scale.shape
+    c = scale.detach().float().reshape(-1)                           # (N*G,)
+    offset = c.mean().reshape(1)                                     # (1,)
+    d = torch.nn.functional.pad(c - offset, (0, (-c.numel()) % DQ_BLOCK)).view(-1, DQ_BLOCK)  # (B, 256)
+    absmax = d.abs().amax(-1)
+    absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))                       # (B,)
+    q = torch.clamp(torch.round(d / (absmax.unsqueeze(-1) / 127)), -127, 127) + 128
+    codes = q.reshape(-1)[: n * g].to(torch.uint8).view(n, g)
+    return {"scale_codes": codes, "scale_absmax": absmax, "scale_offset": offset}
+
+
+def double_dequantize(codes: torch.Tensor, absmax: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The inverse of `double_quantize`: (N, G) fp32 scales, clamped positive (a group whose absmax sits far
+    below the mean may round to <= 0; its weights are then ~0 relative to the rest anyway)."""
+    n, g = codes.shape
+    q = torch.nn.functional.pad(codes.reshape(-1).float() - 128, (0, absmax.numel() * DQ_BLOCK - n * g))
+    c = (q.view(-1, DQ_BLOCK) * (absmax.float() / 127).unsqueeze(-1)).reshape(-1)[: n * g] + offset.float()
+    return torch.clamp(c, min=torch.finfo(torch.float32).tiny).view(n, g)
+
+
+def codebook_codes(w: torch.Tensor, scale: torch.Tensor, grid: str, g: int) -> torch.Tensor:
+    """(N, K) weight, (N, G) scales -> (N, K) uint8 indices of the nearest `grid` codebook level of w / scale."""
+    n, k = w.shape
+    book = codebook(grid).to(w.device)
+    mids = (book[1:] + book[:-1]) / 2
+    codes = torch.bucketize(to_groups(w.float(), g) / scale.float().unsqueeze(-1), mids)    # (N, G, g)
+    return codes.reshape(n, -1)[:, :k].to(torch.uint8)
+
+
+# ---- orthogonal Hadamard transforms (incoherence processing) -----------------------------------------
+@functools.lru_cache(maxsize=64)
+def _hadamard_plan(n: int) -> tuple[torch.Tensor | None, int, int]:
+    return hadamard_factors(n)
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised fast Walsh-Hadamard transform along the last dim (a power of two): x @ H_p, Sylvester
+    order (H_p is symmetric). log2(p) butterfly passes."""
+    p = x.shape[-1]
+    lead, h = x.shape[:-1], 1
+    while h < p:
+        a, b = x.reshape(*lead, p // (2 * h), 2, h).unbind(-2)
+        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, p)
+        h *= 2
+    return x
+
+
+def hadamard_transform(x: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+    """Orthonormal Q x along the last dim, Q = (I_b (x) H_d (x) H_p) / sqrt(d p) from `hadamard_factors`;
+    `transpose` applies Q^T = Q^-1."""
+    n = x.shape[-1]
+    dense, p, blocks = _hadamard_plan(n)
+    d = 1 if dense is None else dense.shape[0]
+    y = fwht(x.reshape(*x.shape[:-1], blocks, d, p))                # (..., b, d, p)
+    if dense is not None:
+        m = dense.to(device=x.device, dtype=x.dtype)
+        y = torch.matmul(m.t() if transpose else m, y)              # H_d along the d axis
+    return (y * (1.0 / math.sqrt(d * p))).reshape(x.shape)
+
+
+def random_hadamard(x: torch.Tensor, signs: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    """Q diag(signs) x along the last dim, or its inverse diag(signs) Q^T x. signs (n,) of +-1."""
+    s = signs.to(device=x.device, dtype=x.dtype)
+    return hadamard_transform(x, transpose=True) * s if inverse else hadamard_transform(x * s)
+
+
+def pack_signs(signs: torch.Tensor) -> torch.Tensor:
+    """(n,) +-1 -> (ceil(n / 8),) uint8, one bit per sign (1 = negative)."""
+    return pack((signs < 0).to(torch.uint8).view(1, -1), 1).view(-1)
+
+
+def unpack_signs(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of `pack_signs`: (n,) float32 of +-1."""
+    return 1.0 - 2.0 * unpack(bits.view(1, -1), 1, n).view(-1).float()
+
+
+def undo_hadamard(w: torch.Tensor, transform: dict[str, torch.Tensor]) -> torch.Tensor:
+    """W = U^T W' V for W' = U W V^T with U = Q_N diag(had_out), V = Q_K diag(had_in): back to the
+    original basis. (N, K) -> (N, K)."""
+    n, k = w.shape
+    w = random_hadamard(w.float(), unpack_signs(transform["had_in"], k), inverse=True)      # W' V
+    return random_hadamard(w.t(), unpack_signs(transform["had_out"], n), inverse=True).t()  # U^T (.)

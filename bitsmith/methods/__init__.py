@@ -6,9 +6,12 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import BitsmithError
-from . import rtn
+from . import awq, gptq, rtn
 
-METHODS: dict[str, ModuleType] = {"rtn": rtn}
+METHODS: dict[str, ModuleType] = {"rtn": rtn, "gptq": gptq, "awq": awq}
+from . import hqq  # noqa: E402  (issue 5: data-free and outlier-aware methods)
+
+METHODS.update({"hqq": hqq})
 # Methods that are not a weight quantizer: they only round the model to a float dtype.
 CAST_METHODS = {"fp16": "float16", "bf16": "bfloat16", "none": None}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..primitives import QWeight, dequantize_weight, group_size_for, quantize_weight, to_groups, weight_qparams
+from ..primitives import QWeight, group_size_for, quantize_weight, symmetric_zero, to_groups, weight_qparams
 from ..recipe import Scheme
 
 NEEDS: tuple[str, ...] = ()   # data-free
@@ -27,19 +27,21 @@ def mse_qparams(w: torch.Tensor, scheme: Scheme, *, grid_points: int = 50, min_s
                 norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-group (scale, zero) minimising the group's |w - Q(w)|^norm over shrunk min-max ranges."""
     w = w.detach().float()
-    n, k = w.shape
-    g = group_size_for(k, scheme.group_size)
+    g = group_size_for(w.shape[1], scheme.group_size)
+    wg = to_groups(w, g)                                                  # (N, G, g), zero-padded
+    qmax = float((1 << scheme.bits) - 1)
     best_scale, best_zero = weight_qparams(w, scheme)
     best_err = torch.full(best_scale.shape, float("inf"))
     steps = max(1, int(round((1 - min_shrink) * grid_points)))
     for i in range(steps + 1):
-        shrink = 1.0 - i / grid_points
-        scale, zero = weight_qparams(w, scheme, shrink)
-        dq = dequantize_weight(quantize_weight(w, scheme, scale=scale, zero=zero))
-        err = to_groups((dq - w).abs().pow(norm), g).sum(-1)              # (N, G)
+        scale, zero = weight_qparams(w, scheme, 1.0 - i / grid_points)    # (N, G) each
+        z = torch.full_like(scale, symmetric_zero(scheme)) if zero is None else zero
+        s3, z3 = scale.unsqueeze(-1), z.unsqueeze(-1)
+        q = torch.clamp(torch.round(wg / s3) + z3, 0.0, qmax)
+        err = ((q - z3) * s3 - wg).abs_().pow_(norm).sum(-1)             # (N, G); padding adds 0
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale.float(), best_scale.float())
+        best_scale = torch.where(better, scale, best_scale)
         if zero is not None:
             best_zero = torch.where(better, zero, best_zero)
     return best_scale, best_zero

@@ -107,19 +107,40 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .evaluate import perplexity
-    from .models import load_text
+    from .evaluate import eval_windows, generate_texts, score_windows
+    from .models import chat_prompt_ids, load_text
     from .size import file_bytes, size_report
 
     lm = _load(a.model)
     _, eval_text = load_text(a.text)
     size = size_report(lm.model)
-    result = {"model": a.model}
+    result: dict = {"model": a.model}
     if lm.kind == "causal-lm":
-        result.update(perplexity(lm.model, lm.tokenizer, eval_text, seq_len=a.seq_len, max_tokens=a.max_tokens,
-                                 progress=not a.json))
+        windows = eval_windows(lm.tokenizer, eval_text, seq_len=a.seq_len, max_tokens=a.max_tokens)
+        ref = None
+        if a.kl_ref:
+            ref_lm = _load(a.kl_ref)
+            if ref_lm.kind != "causal-lm":
+                raise BitsmithError(f"--kl-ref {a.kl_ref} is an {ref_lm.kind}, not a causal language model")
+            ref = _lazy_logprobs(ref_lm.model, windows)
+            result["kl_ref"] = a.kl_ref
+        result.update(score_windows(lm.model, windows, ref, progress=not a.json))
+        if a.generate:
+            prompts = a.prompt or list(_default_prompts())
+            ids = [chat_prompt_ids(lm.tokenizer, p) for p in prompts]
+            texts = generate_texts(lm.model, lm.tokenizer, ids, a.max_new_tokens)
+            result["generations"] = [{"prompt": p, "output": t} for p, t in zip(prompts, texts)]
     else:
         result["note"] = f"perplexity needs a causal language model; {a.model} is an {lm.kind}"
+        if a.kl_ref:
+            from .evaluate import embed, embedding_scores, retrieval_pairs
+
+            ref_lm = _load(a.kl_ref)
+            q, d = retrieval_pairs(eval_text)
+            result.update(embedding_scores(embed(lm.model, lm.tokenizer, q), embed(lm.model, lm.tokenizer, d),
+                                           embed(ref_lm.model, ref_lm.tokenizer, q),
+                                           embed(ref_lm.model, ref_lm.tokenizer, d)))
+            result["kl_ref"] = a.kl_ref
     on_disk = lm.source_dir is not None and _is_checkpoint(lm.source_dir)
     result.update({"size_bytes": file_bytes(lm.source_dir) if on_disk else size["payload_bytes"],
                    "size_source": "file" if on_disk else "tensors", "memory_bytes": size["memory_bytes"],
@@ -128,8 +149,25 @@ def cmd_eval(a: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         for k, v in result.items():
+            if k == "generations":
+                for g in v:
+                    print(f"{'prompt':>16}: {g['prompt']}\n{'output':>16}: {g['output']}")
+                continue
             print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
     return 0
+
+
+def _lazy_logprobs(model, windows):
+    from .evaluate import window_logprobs
+
+    for w in windows:        # one window at a time: nothing like W x L x V stays in memory
+        yield window_logprobs(model, w)
+
+
+def _default_prompts() -> tuple[str, ...]:
+    from .compare import PROMPTS
+
+    return PROMPTS
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
@@ -149,17 +187,35 @@ def cmd_env(a: argparse.Namespace) -> int:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from .compare import run_compare
+    from .compare import Settings, run_compare
+    from .report import text_table, write_report
 
-    rows = run_compare(a.model or DEFAULT_MODEL, methods=a.methods.split(","),
-                       bits=[_bits(b) for b in a.bits.split(",")], group_size=a.group_size, text=a.text,
-                       seq_len=a.seq_len, max_tokens=a.max_tokens, progress=not a.json)
+    try:
+        bits = [_bits(b.strip()) for b in a.bits.split(",") if b.strip()] if a.bits else None
+    except argparse.ArgumentTypeError as e:
+        raise BitsmithError(str(e)) from None
+    baselines = [b for b in a.baselines.split(",") if b.strip()] if a.baselines else None
+    settings = Settings(model=a.model or DEFAULT_MODEL, text=a.text, seq_len=a.seq_len, max_tokens=a.max_tokens,
+                        calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len,
+                        gen_tokens=a.gen_tokens)
+    t0 = time.perf_counter()
+    result = run_compare(methods=a.methods, bits=bits, group_size=a.group_size, output=a.output, resume=a.resume,
+                         baselines=baselines, settings=settings, progress=not a.json)
+    paths = write_report(a.output, result, a.max_dppl)
+    rec = json.loads(Path(paths["report.json"]).read_text(encoding="utf-8"))["recommendation"]
+    wall = time.perf_counter() - t0
     if a.json:
-        print(json.dumps(rows))
-    else:
-        from .compare import render_table
-
-        print(render_table(rows))
+        print(json.dumps({"rows": result["rows"], "notes": result["notes"], "resumed": result["resumed"],
+                          "computed": result["computed"], "recommendation": rec, "wall_seconds": round(wall, 1),
+                          "report": {k: str(v) for k, v in paths.items()}}, default=str))
+        return 0
+    print(text_table(result["rows"]))
+    print()
+    print(rec["text"])
+    for n in result["notes"]:
+        print(f"note: {n}")
+    print(f"{result['computed']} configuration(s) computed, {result['resumed']} resumed from {a.output}; "
+          f"{wall:.0f} s. Report: {paths['report.html']} (also report.md, report.json)")
     return 0
 
 
@@ -215,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", help="UTF-8 text file (default: the Python docs, held-out part)")
     e.add_argument("--seq-len", type=_positive, default=1024)
     e.add_argument("--max-tokens", type=_positive, default=4096)
+    e.add_argument("--kl-ref", metavar="MODEL",
+                   help="reference model (e.g. the unquantized one): adds KL divergence and top-1 agreement")
+    e.add_argument("--generate", action="store_true", help="greedy generations for a few prompts")
+    e.add_argument("--prompt", action="append", help="a prompt for --generate (repeatable)")
+    e.add_argument("--max-new-tokens", type=_positive, default=24)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -227,14 +288,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_env)
 
-    c = sub.add_parser("compare", help="quantize one model many ways and compare size and perplexity")
-    c.add_argument("model", nargs="?", default=None)
-    c.add_argument("--methods", default="rtn")
-    c.add_argument("--bits", default="8,4")
-    c.add_argument("--group-size", type=_group_size, default=64)
-    c.add_argument("--text")
+    c = sub.add_parser("compare", help="quantize one model many ways; table, plots and a recommendation")
+    c.add_argument("model", nargs="?", default=None, help=f"default {DEFAULT_MODEL}")
+    c.add_argument("--methods", help="comma-separated, NAME or NAME@BITS (default: rtn, gptq, awq, hqq, ... "
+                                     "as installed, each at the bits it is useful at)")
+    c.add_argument("--bits", help="comma-separated bits, e.g. 8,4,3 (default: per method)")
+    c.add_argument("--group-size", type=_group_size, default=64, help="group size below 8 bits; -1 per channel")
+    c.add_argument("--output", "-o", default="out/compare", help="report and cache directory (default out/compare)")
+    c.add_argument("--resume", action="store_true", help="skip configurations already finished in --output")
+    c.add_argument("--max-dppl", type=float, default=5.0, help="quality budget for the recommendation, in %% dPPL")
+    c.add_argument("--baselines", help="comma-separated: quanto, hqq, torchao, llamacpp (installed ones)")
+    c.add_argument("--text", help="UTF-8 text file (default: the Python docs; calibration/held-out split)")
     c.add_argument("--seq-len", type=_positive, default=1024)
     c.add_argument("--max-tokens", type=_positive, default=4096)
+    c.add_argument("--calib-samples", type=_positive, default=32, help="calibration samples (default 32)")
+    c.add_argument("--calib-seq-len", type=_positive, default=512)
+    c.add_argument("--gen-tokens", type=int, default=24, help="greedy tokens per prompt; 0 = no generations")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_compare)
     return p

@@ -1,17 +1,26 @@
-"""What a quantization cost: perplexity and greedy generation (pure torch + the tokenizer passed in).
+"""What a quantization cost: perplexity, KL to the reference, top-1 agreement, generation, embedding
+similarity, latency and memory (pure torch + the tokenizer passed in).
 
 Perplexity follows the usual non-overlapping-window protocol (as in GPTQ's and llama.cpp's evaluations):
 the first `max_tokens` tokens of the text are cut into full windows of `seq_len`; each window is scored
 on its own (logits at 0..L-2 predict tokens 1..L-1), NLLs are summed in float64 and
 ppl = exp(sum NLL / predicted tokens). Text is tokenized without special tokens, so calibration and
 evaluation see the same plain token stream whatever BOS/CLS conventions a tokenizer has.
+KL(reference || model) of the next-token distribution and top-1 agreement (argmax equal) are averaged
+over exactly the same predicted positions (llama.cpp's `--kl-divergence` protocol).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
+import os
+import resource
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -45,9 +54,8 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def perplexity(model: nn.Module, tokenizer: Any, text: str, *, seq_len: int = 1024, max_tokens: int = 4096,
-               progress: bool = False, device: str | torch.device | None = None) -> dict[str, float | int]:
-    """Perplexity over full non-overlapping windows: {"ppl", "nll" (mean per token), "tokens", "windows"}."""
+def eval_windows(tokenizer: Any, text: str, *, seq_len: int = 1024, max_tokens: int = 4096) -> torch.Tensor:
+    """The full non-overlapping windows of the first max_tokens tokens of text. (W, L)"""
     if seq_len < 2:
         raise BitsmithError(f"seq_len must be at least 2 to predict a token, got {seq_len}")
     if max_tokens < seq_len:
@@ -59,29 +67,94 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str, *, seq_len: int = 10
             f"text has {ids.numel()} tokens, fewer than one window of {seq_len}; "
             "use a longer --text or a smaller --seq-len"
         )
-    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)  # (W, L)
-    device = torch.device(device) if device is not None else model_device(model)
-    rows = windows
-    if progress:
-        from tqdm import tqdm
+    return ids[: n_windows * seq_len].view(n_windows, seq_len)  # (W, L)
 
-        rows = tqdm(windows, desc="perplexity", unit="window")
+
+def perplexity(model: nn.Module, tokenizer: Any, text: str, *, seq_len: int = 1024, max_tokens: int = 4096,
+               progress: bool = False, device: str | torch.device | None = None) -> dict[str, float | int]:
+    """Perplexity over full non-overlapping windows: {"ppl", "nll" (mean per token), "tokens", "windows"}."""
+    windows = eval_windows(tokenizer, text, seq_len=seq_len, max_tokens=max_tokens)
+    return score_windows(model, windows, progress=progress, device=device)
+
+
+def window_logprobs(model: nn.Module | Callable, window: torch.Tensor,
+                    device: str | torch.device | None = None) -> torch.Tensor:
+    """float32 log-softmax of the next-token logits at positions 0..L-2 of one window (L,). (L-1, V)"""
+    device = torch.device(device) if device is not None else _device_of(model)
+    x = window.reshape(1, -1).to(device)  # (1, L)
+    return torch.log_softmax(logits(model, x)[0, :-1].float(), dim=-1).cpu()  # (L-1, V)
+
+
+def reference_logprobs(model: nn.Module | Callable, windows: torch.Tensor, *, progress: bool = False,
+                       max_bytes: int = 2 << 30) -> list[torch.Tensor]:
+    """The reference model's log-probabilities of every window, kept for KL against many models.
+
+    float32 while W*(L-1)*V*4 bytes fit in max_bytes (4 windows of 1024 x 49152 vocab: 0.8 GB), else
+    float16 (the error lands on tokens whose probability is negligible, as in llama.cpp's 16-bit store)."""
+    w, length = windows.shape
+    out: list[torch.Tensor] = []
+    half = False
+    with _eval_mode(model), torch.inference_mode():
+        for window in _bar(windows, progress, "reference"):
+            lp = window_logprobs(model, window)  # (L-1, V)
+            if not out and w * (length - 1) * lp.shape[-1] * 4 > max_bytes:
+                half = True
+                log.info("reference log-probs kept in float16 to stay under %d bytes", max_bytes)
+            out.append(lp.half() if half else lp)
+    return out
+
+
+def kl_divergence(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(ref || model) per position, in nats, from log-probabilities (..., V). (...)"""
+    ref = ref_logprobs.float()
+    # p * (log p - log q), with 0 * log 0 = 0 where the reference probability underflows
+    return torch.where(ref.isneginf(), 0.0, ref.exp() * (ref - logprobs.float())).sum(-1)
+
+
+def score_windows(model: nn.Module | Callable, windows: torch.Tensor, ref: Iterable[torch.Tensor] | None = None, *,
+                  progress: bool = False, device: str | torch.device | None = None) -> dict[str, float | int]:
+    """Perplexity of `model` over windows (W, L); with `ref` (one (L-1, V) log-prob tensor per window, a
+    list or a lazy generator) also the mean KL(ref || model), its 99th percentile and top-1 agreement.
+
+    `model` is an nn.Module or any callable ids (1, L) -> logits (1, L, V), such as an external runtime."""
+    n_windows, seq_len = windows.shape
     total = torch.zeros((), dtype=torch.float64)
-    was_training = model.training
-    model.eval()  # dropout would make the number noisy and wrong
-    try:
-        with torch.inference_mode():
-            for window in rows:
-                x = window.unsqueeze(0).to(device)  # (1, L)
-                lg = logits(model, x)[0, :-1].float()  # (L-1, V)
-                nll = F.cross_entropy(lg, x[0, 1:], reduction="none")  # (L-1,)
-                total += nll.double().sum().cpu()
-    finally:
-        model.train(was_training)
+    kls, agree = [], 0
+    refs = iter(ref) if ref is not None else None
+    with _eval_mode(model), torch.inference_mode():
+        for window in _bar(windows, progress, "evaluate"):
+            lp = window_logprobs(model, window, device)  # (L-1, V)
+            target = window[1:].reshape(-1, 1)  # (L-1, 1)
+            total -= lp.gather(-1, target).double().sum()
+            if refs is not None:
+                r = next(refs)  # (L-1, V)
+                kls.append(kl_divergence(r, lp).double())
+                agree += int((r.argmax(-1) == lp.argmax(-1)).sum())
     tokens = n_windows * (seq_len - 1)
     mean = total.item() / tokens
-    log.debug("perplexity over %d windows of %d: nll %.4f", n_windows, seq_len, mean)
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": tokens, "windows": n_windows}
+    log.debug("scored %d windows of %d: nll %.4f", n_windows, seq_len, mean)
+    out: dict[str, float | int] = {"ppl": math.exp(mean), "nll": mean, "tokens": tokens, "windows": n_windows}
+    if refs is not None:
+        kl = torch.cat(kls)  # (W*(L-1),)
+        out.update({"kl": kl.mean().item(), "kl_p99": torch.quantile(kl.float(), 0.99).item(),
+                    "top1": agree / tokens})
+    return out
+
+
+def kl_to_reference(model: nn.Module, ref_model: nn.Module, tokenizer: Any, text: str, *, seq_len: int = 1024,
+                    max_tokens: int = 4096, progress: bool = False) -> dict[str, float | int]:
+    """score_windows of model against ref_model, computing each reference window just in time (no store)."""
+    windows = eval_windows(tokenizer, text, seq_len=seq_len, max_tokens=max_tokens)
+
+    def lazy_ref() -> Iterator[torch.Tensor]:
+        # The grad mode is thread-local: a context held open across `yield` would leak inference mode into
+        # the caller (and forever, if the generator is not exhausted). Enter it per window instead.
+        for window in windows:
+            with _eval_mode(ref_model), torch.inference_mode():
+                lp = window_logprobs(ref_model, window)
+            yield lp
+
+    return score_windows(model, windows, lazy_ref(), progress=progress)
 
 
 def greedy_generate(model: nn.Module, tokenizer: Any, prompt_ids: torch.Tensor,
@@ -108,3 +181,201 @@ def _argmax_loop(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos: 
         if eos is not None and nxt.item() == eos:
             break
     return ids
+
+
+def generate_texts(model: nn.Module, tokenizer: Any, prompts: list[torch.Tensor],
+                   max_new_tokens: int = 24) -> list[str]:
+    """greedy_generate for each prompt (1, T): the side-by-side column of one configuration."""
+    with _eval_mode(model):
+        return [greedy_generate(model, tokenizer, ids, max_new_tokens) for ids in prompts]
+
+
+# ---- latency and memory ------------------------------------------------------------------------------
+def latency(model: nn.Module, prompt: torch.Tensor, *, new_tokens: int = 16,
+            repeats: int = 2) -> dict[str, float | bool]:
+    """Batch-1 speed: prefill tokens/s over `prompt` (1, T) and decode tokens/s of `new_tokens` greedy
+    steps. Best of `repeats` runs (the first also warms up). Decode uses the model's KV cache when its
+    output has `past_key_values`; otherwise every step reruns the whole sequence, flagged `kv_cache` False."""
+    best_prefill, best_decode, cached = math.inf, math.inf, False
+    ids = prompt.reshape(1, -1).to(_device_of(model))
+    with _eval_mode(model), torch.inference_mode():
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            out = _call(model, ids, use_cache=True)
+            best_prefill = min(best_prefill, time.perf_counter() - t0)
+            past = getattr(out, "past_key_values", None)
+            cached = past is not None
+            if new_tokens == 0:      # an encoder: there is nothing to decode
+                continue
+            nxt = _last_logits(out).argmax(-1, keepdim=True)  # (1, 1)
+            seq = torch.cat([ids, nxt], 1)
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                if cached:
+                    out = _call(model, nxt, past_key_values=past, use_cache=True)
+                    past = out.past_key_values
+                else:
+                    out = _call(model, seq)
+                nxt = _last_logits(out).argmax(-1, keepdim=True)
+                seq = torch.cat([seq, nxt], 1)
+            best_decode = min(best_decode, time.perf_counter() - t0)
+    decode = new_tokens / best_decode if new_tokens > 0 else None
+    return {"prefill_tokens_per_s": ids.shape[1] / best_prefill, "decode_tokens_per_s": decode,
+            "prefill_tokens": ids.shape[1], "decode_tokens": new_tokens, "kv_cache": cached}
+
+
+def _call(model: Any, ids: torch.Tensor, **kwargs: Any) -> Any:
+    # HF models take cache arguments; plain modules and callables get ids only
+    try:
+        return model(ids, **kwargs) if kwargs else model(ids)
+    except TypeError:
+        if not kwargs:
+            raise
+        return model(ids)
+
+
+def _last_logits(out: Any) -> torch.Tensor:
+    lg = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+    return lg[:, -1]  # (1, V)
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set size now (psutil, or /proc on Linux); None where neither exists."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        pass
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """Peak resident memory of this whole process while the block runs, sampled by a thread.
+
+    tracemalloc does not see torch's allocator, and ru_maxrss is a high-water mark for the process's whole
+    life, so it cannot tell one configuration's peak from an earlier one's. This samples RSS every
+    `interval` s (a spike shorter than that can be missed) and reports `peak_bytes` (process total,
+    including the reference model and anything else alive) and `delta_bytes` (peak minus RSS at entry).
+    Falls back to the ru_maxrss high-water mark, flagged by `source`, where RSS cannot be read."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.start = self.peak = 0
+        self.source = "rss sampled every %d ms" % round(interval * 1000)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        now = rss_bytes()
+        if now is None:
+            self.source = "ru_maxrss (process high-water mark)"
+            self.start = self.peak = _maxrss()
+            return self
+        self.start = self.peak = now
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_bytes() or 0)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._thread is None:
+            self.peak = max(self.peak, _maxrss())
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes() or 0)
+
+    def result(self) -> dict[str, int | str]:
+        return {"peak_bytes": self.peak, "delta_bytes": self.peak - self.start, "source": self.source}
+
+
+def _maxrss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ---- embedding models ---------------------------------------------------------------------------------
+def embed(model: nn.Module, tokenizer: Any, texts: list[str], *, batch_size: int = 16,
+          max_length: int = 256) -> torch.Tensor:
+    """Sentence embeddings by attention-masked mean pooling of the last hidden state (as sentence-
+    transformers' MiniLM models do), L2-normalised. (N, D)"""
+    out = []
+    device = _device_of(model)
+    with _eval_mode(model), torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+            enc = {k: v.to(device) for k, v in enc.items()}
+            res = model(**enc)
+            hidden = res.last_hidden_state if hasattr(res, "last_hidden_state") else res[0]  # (B, T, D)
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, D)
+            out.append(F.normalize(pooled.float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def retrieval_pairs(text: str, n: int = 64, min_chars: int = 80) -> tuple[list[str], list[str]]:
+    """(queries, documents) from paragraphs of text: a paragraph's first line is the query for the rest of
+    it, so every query has exactly one right document."""
+    queries, docs = [], []
+    for para in text.split("\n\n"):
+        lines = [ln.strip() for ln in para.strip().splitlines() if ln.strip()]
+        if len(lines) < 2 or len(" ".join(lines[1:])) < min_chars:
+            continue
+        queries.append(lines[0])
+        docs.append(" ".join(lines[1:]))
+        if len(queries) == n:
+            break
+    if len(queries) < 2:
+        raise BitsmithError("the text has fewer than 2 paragraphs with a first line and a body to retrieve; "
+                            "pass a longer --text")
+    return queries, docs
+
+
+def embedding_scores(q_emb: torch.Tensor, d_emb: torch.Tensor, ref_q: torch.Tensor,
+                     ref_d: torch.Tensor) -> dict[str, float]:
+    """Cosine of each embedding to the reference's (mean and min over queries and documents), retrieval
+    top-1 agreement with the reference, and top-1 accuracy (query i retrieves document i)."""
+    cos = torch.cat([(q_emb * ref_q).sum(-1), (d_emb * ref_d).sum(-1)])  # (2N,)
+    top = (q_emb @ d_emb.T).argmax(-1)  # (N,)
+    ref_top = (ref_q @ ref_d.T).argmax(-1)
+    right = torch.arange(len(top))
+    return {"cosine": cos.mean().item(), "cosine_min": cos.min().item(),
+            "retrieval_agreement": (top == ref_top).float().mean().item(),
+            "retrieval_top1": (top == right).float().mean().item(), "queries": len(top)}
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+def _device_of(model: Any) -> torch.device:
+    return model_device(model) if isinstance(model, nn.Module) else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """Dropout off while measuring (it would make every number noisy and wrong); training mode restored."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _bar(items: Iterable, enabled: bool, desc: str) -> Iterable:
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit="window", leave=False)

@@ -14,41 +14,8 @@ import torch
 
 from bitsmith.cli import main
 
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    """A 2-block Llama with random weights and MiniLM's tokenizer: real transformers code, seconds to run."""
-    transformers = pytest.importorskip("transformers")
-    from bitsmith.models import bundled_path
-
-    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    cfg = transformers.LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(str(d))
-    src = bundled_path("minilm-l6")
-    for name in TOKENIZER_FILES:
-        shutil.copy(src / name, d / name)
-    return d
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code, err, *needles):
-    assert code == 2 and "Traceback" not in err
-    # progress bars may share stderr (carriage returns); exactly one line is bitsmith's message
-    lines = [ln for ln in re.split(r"[\r\n]", err) if "error:" in ln]
-    assert len(lines) == 1, err
-    line = lines[0][lines[0].index("bitsmith: error:"):]
-    for n in needles:
-        assert n in line, line
+from .conftest import TOKENIZER_FILES
+from .helpers import one_line_error, run_cli as run
 
 
 def test_quantize_eval_inspect_round_trip(tiny_llama, tmp_path, capsys):

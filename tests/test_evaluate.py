@@ -127,3 +127,99 @@ def test_smollm2_fp32_perplexity_on_held_out_text(smollm2, eval_text):
     print(f"\nSmolLM2-135M FP32 perplexity (held-out pydoc text, seq_len 1024, 4096 tokens): {out}")
     assert out["windows"] == 4 and out["tokens"] == 4 * 1023
     assert math.isfinite(out["ppl"]) and 2 < out["ppl"] < 60
+
+
+# ---- KL, agreement, latency, memory, embeddings (issue 4) ---------------------------------------------
+from bitsmith.evaluate import (  # noqa: E402
+    PeakMemory, embedding_scores, eval_windows, kl_divergence, kl_to_reference, latency, reference_logprobs,
+    retrieval_pairs, score_windows,
+)
+
+
+def test_kl_of_a_model_to_itself_is_zero():
+    model, tok = TinyLM(), CharTokenizer()
+    windows = eval_windows(tok, TEXT, seq_len=50, max_tokens=230)
+    out = score_windows(model, windows, reference_logprobs(model, windows))
+    assert out["kl"] == 0.0 and out["kl_p99"] == 0.0 and out["top1"] == 1.0
+    lazy = kl_to_reference(model, model, tok, TEXT, seq_len=50, max_tokens=230)
+    assert lazy["kl"] == 0.0 and lazy["top1"] == 1.0
+    assert out["ppl"] == pytest.approx(perplexity(model, tok, TEXT, seq_len=50, max_tokens=230)["ppl"], rel=1e-9)
+
+
+def test_kl_and_agreement_match_an_independent_computation():
+    ref, other, tok = TinyLM(0).eval(), TinyLM(1).eval(), CharTokenizer()
+    windows = eval_windows(tok, TEXT, seq_len=40, max_tokens=120)
+    out = kl_to_reference(other, ref, tok, TEXT, seq_len=40, max_tokens=120)
+    kls, agree = [], 0
+    for w in windows:
+        p = torch.softmax(ref(w[None]).logits[0, :-1].double(), -1)
+        q = torch.softmax(other(w[None]).logits[0, :-1].double(), -1)
+        kls += (p * (p.log() - q.log())).sum(-1).tolist()
+        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+    assert out["kl"] == pytest.approx(sum(kls) / len(kls), rel=1e-5) and out["kl"] > 0.01
+    assert out["top1"] == agree / len(kls) < 1
+
+
+def test_kl_divergence_is_safe_where_the_reference_probability_is_zero():
+    ref = torch.log(torch.tensor([[1.0, 0.0, 0.0]]))   # (1, 3) with -inf entries
+    q = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0]]), -1)
+    assert kl_divergence(ref, q).item() == pytest.approx(-q[0, 0].item())
+
+
+def test_reference_logprobs_fall_back_to_float16_over_the_budget():
+    model, tok = TinyLM(), CharTokenizer()
+    windows = eval_windows(tok, TEXT, seq_len=50, max_tokens=100)
+    assert reference_logprobs(model, windows)[0].dtype == torch.float32
+    small = reference_logprobs(model, windows, max_bytes=1000)
+    assert small[0].dtype == torch.float16 and small[0].shape == (49, VOCAB)
+
+
+def test_latency_without_kv_cache():
+    res = latency(TinyLM(), torch.arange(20).reshape(1, 20), new_tokens=3, repeats=1)
+    assert res["prefill_tokens_per_s"] > 0 and res["decode_tokens_per_s"] > 0 and res["kv_cache"] is False
+    assert latency(TinyLM(), torch.arange(5)[None], new_tokens=0)["decode_tokens_per_s"] is None
+
+
+def test_peak_memory_sees_torch_allocations():
+    with PeakMemory(interval=0.005) as mem:
+        x = torch.ones(64 * 2**20 // 4 * 4)  # 256 MB, touched so it is resident
+        time_to_sample = x.sum().item()
+        import time
+
+        time.sleep(0.05)
+        del x
+    res = mem.result()
+    assert time_to_sample > 0 and res["delta_bytes"] > 150e6 and res["peak_bytes"] >= res["delta_bytes"]
+
+
+def test_embedding_scores_and_retrieval_pairs():
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    d = torch.nn.functional.normalize(q + 0.01 * torch.randn(6, 8), dim=-1)
+    same = embedding_scores(q, d, q, d)
+    assert same["cosine"] == pytest.approx(1.0) and same["retrieval_agreement"] == 1.0
+    assert same["retrieval_top1"] == 1.0
+    flipped = embedding_scores(q, d.flip(0), q, d)
+    assert flipped["retrieval_agreement"] < 1.0
+    text = "\n\n".join(f"Title {i}\n" + "body words " * 12 for i in range(5))
+    queries, docs = retrieval_pairs(text)
+    assert queries[0] == "Title 0" and len(docs) == 5 and docs[0].startswith("body")
+    with pytest.raises(BitsmithError, match="fewer than 2 paragraphs"):
+        retrieval_pairs("one line only")
+
+
+@pytest.mark.slow
+def test_minilm_embeddings_survive_int8(minilm, eval_text):
+    import copy
+
+    import bitsmith
+    from bitsmith import Recipe, Scheme
+    from bitsmith.evaluate import embed
+
+    queries, docs = retrieval_pairs(eval_text, n=16)
+    ref_q, ref_d = embed(minilm.model, minilm.tokenizer, queries), embed(minilm.model, minilm.tokenizer, docs)
+    m = copy.deepcopy(minilm.model)
+    bitsmith.quantize(m, Recipe(scheme=Scheme(bits=8, group_size=None)))
+    res = embedding_scores(embed(m, minilm.tokenizer, queries), embed(m, minilm.tokenizer, docs), ref_q, ref_d)
+    print(f"\nMiniLM int8 vs fp32 on {len(queries)} query/doc pairs: {res}")
+    assert res["cosine"] > 0.995 and res["retrieval_agreement"] >= 0.9

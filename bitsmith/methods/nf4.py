@@ -5,6 +5,11 @@ the nearest level of the NF4 codebook (the 16 quantiles of N(0, 1), numerics.NF4
 Double quantization stores the absmax constants themselves as 8-bit codes of (absmax - mean) in blocks of
 256, each with one fp32 absmax, so they cost 8 + 32/256 bits per block instead of 16: 4.127 bits per weight
 at block 64. The codes are chosen for the double-quantized scales, exactly as stored.
+
+`scale_search` (default on) lets each block's scale be absmax x f, f in [min_factor, 1], whichever minimises
+the block's squared error (as llama.cpp's IQ4_NL does for its NF4-like codebook): plain absmax wastes levels
+on the side opposite the block's largest weight. The stored format is unchanged (code x scale); with
+`scale_search=False` the scales are bitsandbytes' absmax exactly.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import logging
 import torch
 
 from ..errors import BitsmithError
+from ..numerics import codebook, float_dtype
 from ..primitives import (QWeight, check_finite, codebook_codes, double_dequantize, double_quantize,
-                          group_size_for, quantize_weight, to_groups)
+                          group_mask, group_size_for, to_groups)
 from ..recipe import Scheme
 
 log = logging.getLogger(__name__)
@@ -24,21 +30,51 @@ NEEDS: tuple[str, ...] = ()   # data-free
 
 
 def quantize(weight: torch.Tensor, stats: dict | None, scheme: Scheme, *, double_quant: bool = True,
+             scale_search: bool = True, min_factor: float = 0.7, steps: int = 13,
              name: str = "weight") -> QWeight:
-    """NF4 (or FP4 with grid fp4) codes and absmax scales of a 2-D weight; an int scheme means NF4."""
+    """NF4 (or FP4 with grid fp4) codes and block scales of a 2-D weight; an int scheme means NF4."""
     scheme = nf4_scheme(scheme)
-    if not double_quant:
-        return quantize_weight(weight, scheme, name=name)
     if weight.dim() != 2:
         raise BitsmithError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
+    if not 0 < min_factor <= 1 or steps < 1:
+        raise BitsmithError(f"nf4 needs 0 < min_factor <= 1 and steps >= 1, got {min_factor} and {steps}")
     check_finite(weight, name)
     w = weight.detach().float()
     g = group_size_for(w.shape[1], scheme.group_size)
     absmax = to_groups(w, g).abs().amax(-1)                                 # (N, G)
     absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    if scale_search:
+        absmax = search_scale(w, absmax, scheme.grid, g, min_factor=min_factor, steps=steps)
+    if not double_quant:
+        scale = absmax.to(float_dtype(scheme.scale_dtype))
+        return QWeight(codebook_codes(w, scale.float(), scheme.grid, g), scale, None, scheme)
     dq = double_quantize(absmax)
     scale = double_dequantize(dq["scale_codes"], dq["scale_absmax"], dq["scale_offset"])   # (N, G) as stored
     return QWeight(codebook_codes(w, scale, scheme.grid, g), scale, None, scheme, transform=dq)
+
+
+def search_scale(w: torch.Tensor, absmax: torch.Tensor, grid: str, g: int, *, min_factor: float = 0.7,
+                 steps: int = 13) -> torch.Tensor:
+    """Per block, the scale absmax x f (f from 1 down to min_factor in `steps` steps) with the least squared
+    error of w against its nearest codebook levels. (N, G)"""
+    n, k = w.shape
+    wg = to_groups(w, g)                                                    # (N, G, g), zero padded
+    book = codebook(grid).to(w.device)
+    valid = group_mask(k, g, w.device)                                      # (G, g): padding is no error
+    best, best_err = absmax, None
+    for i in range(steps):
+        f = 1.0 - (1.0 - min_factor) * i / max(steps - 1, 1)
+        scale = absmax * f
+        codes = codebook_codes(w, scale, grid, g)                           # (N, K)
+        dq = book[to_groups(codes, g).long()] * scale.unsqueeze(-1)         # (N, G, g)
+        err = (dq - wg).pow_(2).mul_(valid).sum(-1)                         # (N, G)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, scale, best)
+    return best
 
 
 def nf4_scheme(scheme: Scheme) -> Scheme:

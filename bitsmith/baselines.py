@@ -11,7 +11,8 @@ Every baseline leaves the head (lm_head) unquantized and, like bitsmith, rounds 
 floating point to float16 first, so differences come from the quantizers. Sizes count what each package
 keeps for its quantized layers (packed codes, scales, zeros, as stored) plus 2 bytes per remaining
 weight; llama.cpp's size is its GGUF file (it quantizes the embedding too). A package that is not
-installed is skipped with a note. Install them with `pip install 'bitsmith[baselines]'`.
+installed is skipped with a note. Install them with `pip install 'bitsmith[baselines]'` (quanto, hqq, torchao)
+and `pip install 'bitsmith[llamacpp]'` (llama-cpp-python has no CPU wheel on PyPI: it compiles llama.cpp).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def plan(names: list[str], bits: list[int], group_size: int | None) -> tuple[lis
             raise BitsmithError(f"unknown baseline {name!r}; valid baselines: {', '.join(BASELINES)}")
         module, pip_name, supported = BASELINES[name]
         if not available(name):
-            notes.append(f"skipped baseline {name}: not installed (pip install {pip_name}, or 'bitsmith[baselines]')")
+            extra = "llamacpp" if name == "llamacpp" else "baselines"
+            notes.append(f"skipped baseline {name}: not installed (pip install '{pip_name}' or 'bitsmith[{extra}]')")
             continue
         if name == "llamacpp":
             configs.append(Config(label="llama.cpp F16", source=name, params={"type": "F16", "bits": 16}))

@@ -111,12 +111,22 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .models import chat_prompt_ids, load_text
     from .size import file_bytes, size_report
 
+    if a.wikitext2:
+        from .evaluate import WIKITEXT2_SEQ_LEN, wikitext2_text
+
+        if a.text:
+            raise BitsmithError("--text and --wikitext2 both name the evaluation text; pass one of them")
+
+        eval_text = wikitext2_text(a.wikitext2)         # fail before loading the model
+        a.seq_len, a.max_tokens = a.seq_len or WIKITEXT2_SEQ_LEN, None
     lm = _load(a.model)
-    _, eval_text = load_text(a.text)
+    if not a.wikitext2:
+        eval_text = load_text(a.text)[1]
     size = size_report(lm.model)
     result: dict = {"model": a.model}
     if lm.kind == "causal-lm":
-        windows = eval_windows(lm.tokenizer, eval_text, seq_len=a.seq_len, max_tokens=a.max_tokens)
+        windows = eval_windows(lm.tokenizer, eval_text, seq_len=a.seq_len or 1024, max_tokens=a.max_tokens)
+        result["protocol"] = "wikitext2" if a.wikitext2 else "default"
         ref = None
         if a.kl_ref:
             ref_lm = _load(a.kl_ref)
@@ -269,8 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity, size and bits per weight of a model or checkpoint")
     e.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     e.add_argument("--text", help="UTF-8 text file (default: the Python docs, held-out part)")
-    e.add_argument("--seq-len", type=_positive, default=1024)
-    e.add_argument("--max-tokens", type=_positive, default=4096)
+    e.add_argument("--seq-len", type=_positive, default=None, help="tokens per window (default 1024; 2048 "
+                                                                        "with --wikitext2)")
+    e.add_argument("--max-tokens", type=_positive, default=4096, help="tokens scored (default 4096)")
+    e.add_argument("--wikitext2", metavar="FILE", help="GPTQ's WikiText-2 protocol on your copy of wiki.test.raw: "
+                                                       "rows joined by blank lines, every window of 2048 tokens")
     e.add_argument("--kl-ref", metavar="MODEL",
                    help="reference model (e.g. the unquantized one): adds KL divergence and top-1 agreement")
     e.add_argument("--generate", action="store_true", help="greedy generations for a few prompts")

@@ -105,30 +105,43 @@ def parse_methods(spec: str | list[str] | None) -> list[tuple[str, int | None]] 
 
 
 def scheme_for(method: str, bits: int, group_size: int | None) -> Scheme:
-    """The scheme a method runs at `bits`: the method's own `scheme_for(bits, group_size)` when it has one
-    (a codebook method picks its grid), else an asymmetric int grid; 8 bits is per-channel, the field's
-    convention (its error is already negligible, so groups only cost size)."""
+    """The scheme asked of a method at `bits`: the method's own `scheme_for(bits, group_size)` when it has
+    one, else an asymmetric int grid; 8 bits is per-channel, the field's convention (its error is already
+    negligible, so groups only cost size)."""
     mod = methods.METHODS.get(method)
     if mod is not None and hasattr(mod, "scheme_for"):
         return mod.scheme_for(bits, group_size)
     return Scheme(bits=bits, group_size=None if bits == 8 else group_size)
 
 
-def unsupported(method: str, bits: int, group_size: int | None) -> str | None:
-    """Why `method` cannot run at `bits` (None when it can): the method's BITS tuple if it declares one,
-    else, for a data-free method, a trial quantization of a small random weight."""
+def effective_scheme(method: str, bits: int, group_size: int | None) -> tuple[Scheme | None, str | None]:
+    """(the scheme `method` really quantizes with at `bits`, None) or (None, why it cannot).
+
+    A method's BITS tuple decides when it declares one. A data-free method is probed on a small random
+    weight and the scheme of the QWeight it returns is the truth: NF4 answers an int4 request with its
+    nf4 codebook (so the row is labelled nf4, not int4), and a method that quietly replaces the bits asked
+    for (NF4 at 3 bits, LLM.int8() at 4) cannot run at those bits. A calibrated method cannot be probed
+    without statistics; its scheme is taken as asked."""
     mod = methods.get(method)
     declared = getattr(mod, "BITS", None)
-    if declared is not None:
-        return None if bits in declared else f"{method} supports {', '.join(map(str, declared))} bits, not {bits}"
+    if declared is not None and bits not in declared:
+        return None, f"{method} supports {', '.join(map(str, declared))} bits, not {bits}"
+    scheme = scheme_for(method, bits, group_size)
+    if mod.NEEDS:
+        return scheme, None
     try:
-        scheme = scheme_for(method, bits, group_size)
-        if not mod.NEEDS:
-            w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))  # (N, K)
-            mod.quantize(w, None, scheme, name="probe")
+        w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))  # (N, K)
+        got = mod.quantize(w, None, scheme, name="probe").scheme
     except (BitsmithError, ValueError, NotImplementedError) as e:
-        return f"{method} cannot quantize at {bits} bits ({str(e).splitlines()[0]})"
-    return None
+        return None, f"{method} cannot quantize at {bits} bits ({str(e).splitlines()[0]})"
+    if got.bits != bits:
+        return None, f"{method} quantizes to {got.bits} bits only, not {bits}"
+    return got, None
+
+
+def unsupported(method: str, bits: int, group_size: int | None) -> str | None:
+    """Why `method` cannot run at `bits`, or None when it can."""
+    return effective_scheme(method, bits, group_size)[1]
 
 
 def plan(method_spec: list[tuple[str, int | None]] | None, bits: list[int] | None,
@@ -164,13 +177,13 @@ def plan(method_spec: list[tuple[str, int | None]] | None, bits: list[int] | Non
         if b is None:   # a cast (fp16 / bf16): one row, no bits
             configs.append(Config(label=name, recipe=Recipe(method=name)))
             continue
-        why = unsupported(name, b, group_size)
+        scheme, why = effective_scheme(name, b, group_size)
         if why is not None:
             if strict:
                 raise BitsmithError(f"{why}; drop {b} from --bits or write {name}@BITS in --methods")
             notes.append(f"skipped {name} at {b} bits: {why}")
             continue
-        recipe = Recipe(method=name, scheme=scheme_for(name, b, group_size))
+        recipe = Recipe(method=name, scheme=scheme)
         label = f"{name} {recipe.scheme.label()}"
         if label not in {c.label for c in configs}:
             configs.append(Config(label=label, recipe=recipe))
@@ -411,7 +424,7 @@ def run_compare(model: str | None = None, *, methods: str | list[str] | None = N
     session = Session(lm, settings, out, progress=progress)
     ref_label = f"fp{_float_bits(lm.model)} (unquantized)"
     configs = [Config(label=ref_label, source=REFERENCE), *configs]
-    rows, resumed = [], 0
+    rows, resumed, failed = [], 0, 0
     bar = _config_bar(configs, progress)
     for cfg in bar:
         if hasattr(bar, "set_description_str"):
@@ -425,18 +438,24 @@ def run_compare(model: str | None = None, *, methods: str | list[str] | None = N
         else:
             try:
                 row = run_config(session, cfg)
-            except BitsmithError as e:
-                if cfg.source in ("bitsmith", REFERENCE):
+            except Exception as e:   # noqa: BLE001  (KeyboardInterrupt is not an Exception: it still stops)
+                if cfg.source == REFERENCE:
                     raise
-                notes.append(f"baseline {cfg.label} failed: {e}")     # an external package's failure is a note
+                # One broken method or external package costs its row, not the whole comparison: the
+                # failure is a note in the report (and is not cached, so --resume retries it).
+                what = "baseline " if cfg.source != "bitsmith" else ""
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                notes.append(f"{what}{cfg.label} failed: {type(e).__name__}: {first}")
                 log.warning(notes[-1])
+                log.debug("%s failed", cfg.label, exc_info=True)
+                failed += 1
                 continue
             session.store(cfg, row)
         rows.append(row)
     add_deltas(rows)
     return {"model": settings.model, "model_name": lm.name, "kind": lm.kind, "settings": asdict(settings),
             "group_size": group_size, "rows": rows, "notes": notes, "resumed": resumed,
-            "computed": len(rows) - resumed, "wall_seconds": round(time.perf_counter() - t_start, 1),
+            "computed": len(rows) - resumed, "failed": failed, "wall_seconds": round(time.perf_counter() - t_start, 1),
             "environment": _environment()}
 
 

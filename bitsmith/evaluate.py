@@ -21,6 +21,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,11 +55,11 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def eval_windows(tokenizer: Any, text: str, *, seq_len: int = 1024, max_tokens: int = 4096) -> torch.Tensor:
-    """The full non-overlapping windows of the first max_tokens tokens of text. (W, L)"""
+def eval_windows(tokenizer: Any, text: str, *, seq_len: int = 1024, max_tokens: int | None = 4096) -> torch.Tensor:
+    """The full non-overlapping windows of the first max_tokens tokens of text (all when None). (W, L)"""
     if seq_len < 2:
         raise BitsmithError(f"seq_len must be at least 2 to predict a token, got {seq_len}")
-    if max_tokens < seq_len:
+    if max_tokens is not None and max_tokens < seq_len:
         raise BitsmithError(f"max_tokens {max_tokens} is smaller than seq_len {seq_len}; raise --max-tokens")
     ids = tokenize_text(tokenizer, text, max_tokens)  # (T,)
     n_windows = ids.numel() // seq_len  # a partial last window would be scored on less context: drop it
@@ -70,11 +71,32 @@ def eval_windows(tokenizer: Any, text: str, *, seq_len: int = 1024, max_tokens: 
     return ids[: n_windows * seq_len].view(n_windows, seq_len)  # (W, L)
 
 
-def perplexity(model: nn.Module, tokenizer: Any, text: str, *, seq_len: int = 1024, max_tokens: int = 4096,
+def perplexity(model: nn.Module, tokenizer: Any, text: str, *, seq_len: int = 1024, max_tokens: int | None = 4096,
                progress: bool = False, device: str | torch.device | None = None) -> dict[str, float | int]:
     """Perplexity over full non-overlapping windows: {"ppl", "nll" (mean per token), "tokens", "windows"}."""
     windows = eval_windows(tokenizer, text, seq_len=seq_len, max_tokens=max_tokens)
     return score_windows(model, windows, progress=progress, device=device)
+
+
+# GPTQ's WikiText-2 protocol (IST-DASLab/gptq datautils): the test split's rows joined by blank lines,
+# tokenized as one stream, every full window of 2048 tokens scored (no token cap).
+WIKITEXT2_SEQ_LEN = 2048
+
+
+def wikitext2_text(path: str | Path) -> str:
+    """The WikiText-2 test text as GPTQ's evaluation builds it, from the user's own copy: `wiki.test.raw`
+    (the raw file, one dataset row per line) or a directory holding it. Nothing is downloaded."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        found = sorted(p.rglob("wiki.test.raw"))
+        if not found:
+            raise BitsmithError(f"no wiki.test.raw under {p}; pass the WikiText-2 (raw) test file")
+        p = found[0]
+    if not p.is_file():
+        raise BitsmithError(f"WikiText-2 file {p} does not exist; pass the path of wiki.test.raw")
+    # the HF dataset's rows: each line with its newline, whitespace-only lines as ""; GPTQ joins them by "\n\n"
+    lines = p.read_text(encoding="utf-8").splitlines(keepends=True)
+    return "\n\n".join(line if line.strip() else "" for line in lines)
 
 
 def window_logprobs(model: nn.Module | Callable, window: torch.Tensor,
@@ -94,7 +116,7 @@ def reference_logprobs(model: nn.Module | Callable, windows: torch.Tensor, *, pr
     w, length = windows.shape
     out: list[torch.Tensor] = []
     half = False
-    with _eval_mode(model), torch.inference_mode():
+    with _eval_mode(model), _no_grad():
         for window in _bar(windows, progress, "reference"):
             lp = window_logprobs(model, window)  # (L-1, V)
             if not out and w * (length - 1) * lp.shape[-1] * 4 > max_bytes:
@@ -121,7 +143,7 @@ def score_windows(model: nn.Module | Callable, windows: torch.Tensor, ref: Itera
     total = torch.zeros((), dtype=torch.float64)
     kls, agree = [], 0
     refs = iter(ref) if ref is not None else None
-    with _eval_mode(model), torch.inference_mode():
+    with _eval_mode(model), _no_grad():
         for window in _bar(windows, progress, "evaluate"):
             lp = window_logprobs(model, window, device)  # (L-1, V)
             target = window[1:].reshape(-1, 1)  # (L-1, 1)
@@ -150,7 +172,7 @@ def kl_to_reference(model: nn.Module, ref_model: nn.Module, tokenizer: Any, text
         # The grad mode is thread-local: a context held open across `yield` would leak inference mode into
         # the caller (and forever, if the generator is not exhausted). Enter it per window instead.
         for window in windows:
-            with _eval_mode(ref_model), torch.inference_mode():
+            with _eval_mode(ref_model), _no_grad():
                 lp = window_logprobs(ref_model, window)
             yield lp
 
@@ -162,7 +184,7 @@ def greedy_generate(model: nn.Module, tokenizer: Any, prompt_ids: torch.Tensor,
     """Greedy continuation of prompt_ids (1, T), decoded without special tokens (new text only)."""
     device = model_device(model)
     ids = prompt_ids.to(device)  # (1, T)
-    with torch.inference_mode():
+    with _no_grad():
         if hasattr(model, "generate"):
             pad = getattr(tokenizer, "pad_token_id", None)
             pad = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
@@ -198,7 +220,7 @@ def latency(model: nn.Module, prompt: torch.Tensor, *, new_tokens: int = 16,
     output has `past_key_values`; otherwise every step reruns the whole sequence, flagged `kv_cache` False."""
     best_prefill, best_decode, cached = math.inf, math.inf, False
     ids = prompt.reshape(1, -1).to(_device_of(model))
-    with _eval_mode(model), torch.inference_mode():
+    with _eval_mode(model), _no_grad():
         for _ in range(max(1, repeats)):
             t0 = time.perf_counter()
             out = _call(model, ids, use_cache=True)
@@ -301,6 +323,29 @@ def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+# ---- classifiers ---------------------------------------------------------------------------------------
+def accuracy(model: nn.Module | Callable, inputs: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 256,
+             reference: nn.Module | Callable | None = None) -> dict[str, float | int]:
+    """Top-1 accuracy of a classifier on inputs (N, ...) with labels (N,); with `reference`, also the
+    share of inputs where both predict the same class (agreement, as top-1 agreement for language models)."""
+    if len(inputs) != len(labels) or len(labels) == 0:
+        raise BitsmithError(f"accuracy needs as many labels as inputs (>0), got {len(inputs)} and {len(labels)}")
+
+    def predict(m: Any) -> torch.Tensor:
+        device = _device_of(m)
+        out = []
+        with _eval_mode(m), _no_grad():
+            for i in range(0, len(inputs), batch_size):
+                out.append(logits(m, inputs[i : i + batch_size].to(device)).argmax(-1).cpu())  # (B,)
+        return torch.cat(out)  # (N,)
+
+    pred = predict(model)
+    res: dict[str, float | int] = {"accuracy": (pred == labels.cpu()).float().mean().item(), "samples": len(labels)}
+    if reference is not None:
+        res["agreement"] = (pred == predict(reference)).float().mean().item()
+    return res
+
+
 # ---- embedding models ---------------------------------------------------------------------------------
 def embed(model: nn.Module, tokenizer: Any, texts: list[str], *, batch_size: int = 16,
           max_length: int = 256) -> torch.Tensor:
@@ -308,7 +353,7 @@ def embed(model: nn.Module, tokenizer: Any, texts: list[str], *, batch_size: int
     transformers' MiniLM models do), L2-normalised. (N, D)"""
     out = []
     device = _device_of(model)
-    with _eval_mode(model), torch.inference_mode():
+    with _eval_mode(model), _no_grad():
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
                             return_tensors="pt")
@@ -353,6 +398,13 @@ def embedding_scores(q_emb: torch.Tensor, d_emb: torch.Tensor, ref_q: torch.Tens
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
+def _no_grad() -> contextlib.AbstractContextManager:
+    """no_grad, not inference_mode: inference tensors break third-party tensor subclasses that the
+    baselines put in a model (optimum-quanto's int4 weights raise "Cannot set version_counter for inference
+    tensor"), and on these model sizes inference_mode saves nothing measurable."""
+    return torch.no_grad()
+
+
 def _device_of(model: Any) -> torch.device:
     return model_device(model) if isinstance(model, nn.Module) else torch.device("cpu")
 

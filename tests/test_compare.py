@@ -48,7 +48,7 @@ def test_planned_but_missing_method_is_skipped_with_a_note():
 
 
 def test_unsupported_bits(monkeypatch):
-    only4 = types.SimpleNamespace(NEEDS=(), BITS=(4,), quantize=None)
+    only4 = types.SimpleNamespace(NEEDS=(), BITS=(4,), quantize=methods.get("rtn").quantize)
     monkeypatch.setitem(methods.METHODS, "only4", only4)
     with pytest.raises(BitsmithError, match="only4 supports 4 bits, not 8; drop 8 from --bits"):
         plan([("only4", None)], [8, 4], 64)
@@ -164,3 +164,44 @@ def test_smollm2_compare_slice(tmp_path):
           f"top-1 {r4['top1']:.3f}, {r4['file_bytes']:,} B")
     assert ref["ppl"] == pytest.approx(ppl, rel=1e-6)
     assert 0 < r4["kl"] < 1 and 0.5 < r4["top1"] < 1 and r4["file_bytes"] < 0.3 * ref["file_bytes"]
+
+
+def test_eval_wikitext2_protocol_scores_every_window(tiny_llama, tmp_path, capsys):
+    raw = tmp_path / "wiki.test.raw"
+    raw.write_text("".join(f" Sentence number {i} about nothing in particular .\n \n" for i in range(60)))
+    code, stdout, _ = run(["eval", tiny_llama, "--wikitext2", raw, "--seq-len", "32", "--max-tokens", "64", "--json"],
+                          capsys)
+    res = json.loads(stdout)
+    assert code == 0 and res["protocol"] == "wikitext2"
+    from bitsmith.evaluate import wikitext2_text
+    from bitsmith.models import load_any
+
+    n = len(load_any(str(tiny_llama)).tokenizer(wikitext2_text(raw), add_special_tokens=False)["input_ids"])
+    assert res["windows"] == n // 32 > 64 // 32       # the protocol has no token cap: the whole text
+    code, _, err = run(["eval", tiny_llama, "--wikitext2", tmp_path / "nope.raw"], capsys)
+    one_line_error(code, err, "does not exist")
+
+
+def test_baselines_share_the_table_or_are_skipped_with_a_note(tiny_llama, tmp_path):
+    from bitsmith import baselines
+
+    names = ["quanto", "hqq", "torchao", "llamacpp"]
+    settings = Settings(model=str(tiny_llama), seq_len=32, max_tokens=64, gen_tokens=0, latency_decode=2)
+    res = run_compare(methods="rtn", bits=[4], group_size=32, output=tmp_path / "b", baselines=names,
+                      settings=settings)
+    rows = {r["source"]: r for r in res["rows"]}
+    ref, ours = res["rows"][0], rows["bitsmith"]
+    for name in names:
+        if not baselines.available(name):
+            assert any(f"skipped baseline {name}: not installed" in n for n in res["notes"])
+            continue
+        if name == "llamacpp":          # needs the model as a .gguf file: the tiny test model is not one
+            assert any("llama.cpp" in n and ".gguf" in n for n in res["notes"]), res["notes"]
+            continue
+        row = rows[name]
+        # the same 4-bit precision lands near bitsmith's RTN in size and error, far from the reference
+        assert row["bits"] == 4 and 0 < row["kl"] < 10 * ours["kl"] and row["ppl"] > 0
+        assert row["size_bytes"] < 0.7 * ref["size_bytes"]
+        assert row["bits_per_weight"] == pytest.approx(ours["bits_per_weight"], rel=0.05)
+    with pytest.raises(BitsmithError, match="unknown baseline 'gguf'; valid baselines: quanto, hqq"):
+        run_compare(methods="rtn", bits=[4], output=tmp_path / "c", baselines=["gguf"], settings=settings)

@@ -223,3 +223,39 @@ def test_minilm_embeddings_survive_int8(minilm, eval_text):
     res = embedding_scores(embed(m, minilm.tokenizer, queries), embed(m, minilm.tokenizer, docs), ref_q, ref_d)
     print(f"\nMiniLM int8 vs fp32 on {len(queries)} query/doc pairs: {res}")
     assert res["cosine"] > 0.995 and res["retrieval_agreement"] >= 0.9
+
+
+def test_wikitext2_text_rebuilds_the_gptq_join(tmp_path):
+    from bitsmith.evaluate import wikitext2_text
+
+    raw = tmp_path / "wikitext-2-raw" / "wiki.test.raw"
+    raw.parent.mkdir()
+    raw.write_text(" \n = Title = \n \n First line .\n Second line .\n", encoding="utf-8")
+    # HF rows: "", " = Title = \n", "", " First line .\n", " Second line .\n"; GPTQ joins them with "\n\n"
+    want = "\n\n = Title = \n\n\n\n\n First line .\n\n\n Second line .\n"
+    assert wikitext2_text(raw) == want and wikitext2_text(tmp_path) == want   # the file or a folder holding it
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BitsmithError, match="no wiki.test.raw under"):
+        wikitext2_text(tmp_path / "empty")
+    with pytest.raises(BitsmithError, match="does not exist"):
+        wikitext2_text(tmp_path / "missing.raw")
+
+
+def test_accuracy_and_agreement():
+    from bitsmith.evaluate import accuracy
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 5)
+    labels = x.argmax(-1)
+    exact = nn.Linear(5, 5, bias=False)
+    with torch.no_grad():
+        exact.weight.copy_(torch.eye(5))
+    noisy = nn.Linear(5, 5, bias=False)
+    with torch.no_grad():
+        noisy.weight.copy_(torch.eye(5) + 0.5 * torch.randn(5, 5))
+    assert accuracy(exact, x, labels, batch_size=64) == {"accuracy": 1.0, "samples": 300}
+    res = accuracy(noisy, x, labels, reference=exact)
+    pred = (x @ noisy.weight.T).argmax(-1)
+    assert res["accuracy"] == res["agreement"] == (pred == labels).float().mean().item() < 1
+    with pytest.raises(BitsmithError, match="as many labels as inputs"):
+        accuracy(exact, x, labels[:10])

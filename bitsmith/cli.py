@@ -210,7 +210,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
                         gen_tokens=a.gen_tokens)
     t0 = time.perf_counter()
     result = run_compare(methods=a.methods, bits=bits, group_size=a.group_size, output=a.output, resume=a.resume,
-                         baselines=baselines, settings=settings, progress=not a.json)
+                         overwrite=a.overwrite, baselines=baselines, settings=settings, progress=not a.json)
     paths = write_report(a.output, result, a.max_dppl)
     rec = json.loads(Path(paths["report.json"]).read_text(encoding="utf-8"))["recommendation"]
     wall = time.perf_counter() - t0
@@ -309,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=_group_size, default=64, help="group size below 8 bits; -1 per channel")
     c.add_argument("--output", "-o", default="out/compare", help="report and cache directory (default out/compare)")
     c.add_argument("--resume", action="store_true", help="skip configurations already finished in --output")
+    c.add_argument("--overwrite", action="store_true", help="recompute into an --output that holds a comparison")
     c.add_argument("--max-dppl", type=float, default=5.0, help="quality budget for the recommendation, in %% dPPL")
     c.add_argument("--baselines", help="comma-separated: quanto, hqq, torchao, llamacpp (installed ones)")
     c.add_argument("--text", help="UTF-8 text file (default: the Python docs; calibration/held-out split)")
@@ -316,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-tokens", type=_positive, default=4096)
     c.add_argument("--calib-samples", type=_positive, default=32, help="calibration samples (default 32)")
     c.add_argument("--calib-seq-len", type=_positive, default=512)
-    c.add_argument("--gen-tokens", type=int, default=24, help="greedy tokens per prompt; 0 = no generations")
+    c.add_argument("--gen-tokens", type=int, default=16, help="greedy tokens per prompt; 0 = no generations")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_compare)
     return p

@@ -214,7 +214,7 @@ def render_html(result: dict, recommendation: str, images: dict[str, bytes]) -> 
     rows = result["rows"]
     head, body = table(rows)
     esc = html.escape
-    best = recommendation.split(" — ")[0].removeprefix("Recommended: ")
+    best = (result.get("recommendation") or {}).get("config")
     trs = "\n".join("<tr{}>{}</tr>".format(' class="best"' if cells[0] == best else "",
                                           "".join(f"<td>{esc(c)}</td>" for c in cells)) for cells in body)
     parts = [f"<h1>bitsmith compare: {esc(result.get('model_name', result['model']))}</h1>",

@@ -84,6 +84,11 @@ def test_compare_writes_report_and_resume_skips_finished(tiny_llama, tmp_path, c
     assert len(r4["generations"]) == 3 and r4["layers"] and r4["decode_tokens_per_s"] > 0
     assert {"report.html", "report.md", "report.json", "results"} <= set(os.listdir(out))
     assert not [p for p in out.rglob(".*")]               # no temp files or size probes left
+    # the directory now holds a comparison: a plain rerun refuses and changes nothing
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    code, _, err = run(["compare", tiny_llama, "--methods", "rtn", "--bits", "8,4", "--output", out, *SMALL], capsys)
+    one_line_error(code, err, "already holds a comparison", "--resume", "--overwrite")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     # everything finished: a resumed run computes nothing
     code, stdout, _ = run(["compare", tiny_llama, "--methods", "rtn", "--bits", "8,4", "--output", out, *SMALL,
                            "--json", "--resume"], capsys)

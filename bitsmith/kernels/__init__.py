@@ -1,0 +1,228 @@
+"""Which kernel runs a quantized linear here, and why not the others: explicit, inspectable dispatch.
+
+`QuantLinear.forward` asks `select(module, x)` for a kernel name; None means the reference path in nn.py
+(dequantize, then F.linear). Every decision can be printed: `explain(module, x)` gives each kernel's verdict
+for that input, `available()` what this machine can run at all (`bitsmith env` shows it).
+
+Policy (`BITSMITH_KERNELS`, read per call, or `set_policy`): "auto" (default), "reference" (never use a
+kernel), or one kernel name to force where it applies. "auto" on CUDA picks by M = rows of x:
+  M <= GEMV_MAX_M  triton_gemv       CUDA-core fused dequant GEMV (memory bound: reads 4/8-bit weights once)
+  M <= GEMM_MAX_M  triton_gemm       tensor-core fused dequant GEMM
+  larger           triton_dequant    Triton dequantize to a dense weight, then cuBLAS (compute bound)
+and on the CPU the torch int8/int4 weight-only kernels (cpu.py), many times faster than the reference path.
+The thresholds come from benchmarks/kernels.py on an H100 (README, kernels section).
+
+Kernel operands (re-laid-out scales, CPU packed weights) are built on first use and cached on the module as
+non-persistent buffers, so checkpoints keep bitsmith's own format; they are rebuilt if the codes change.
+Nothing here imports triton until a GPU kernel is actually chosen.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import cpu as _cpu
+from . import layout
+
+GEMV_MAX_M = 4
+GEMM_MAX_M = 128
+POLICIES = ("auto", "reference")
+_policy: str | None = None
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    device: str            # "cuda" | "cpu"
+    what: str
+
+
+KERNELS = {k.name: k for k in (
+    Kernel("triton_gemv", "cuda", "W4/W8 A16 fused dequant GEMV, fp16/bf16, small M"),
+    Kernel("triton_gemm", "cuda", "W4/W8 A16 fused dequant tensor-core GEMM, mid M"),
+    Kernel("triton_dequant", "cuda", "Triton dequantize + cuBLAS, large M"),
+    Kernel("cpu_int8", "cpu", "torch _weight_int8pack_mm, int8 per-channel"),
+    Kernel("cpu_int4", "cpu", "torch _weight_int4pack_mm_for_cpu, int4 g32..256"),
+    Kernel("w8a8_int8", "cuda", "W8A8 int8 (per-token x per-channel), Triton GEMM + fused epilogue"),
+    Kernel("w8a8_intmm", "cuda", "W8A8 int8 via torch._int_mm + Triton epilogue"),
+    Kernel("w8a8_fp8", "cuda", "W8A8 FP8 e4m3 via torch._scaled_mm (Hopper+)"),
+)}
+WEIGHT_ONLY_GPU = ("triton_gemv", "triton_gemm", "triton_dequant")
+
+
+def set_policy(policy: str | None) -> None:
+    """"auto", "reference", a kernel name, or None to follow $BITSMITH_KERNELS again."""
+    if policy is not None and policy not in POLICIES and policy not in KERNELS:
+        raise ValueError(f"unknown kernel policy {policy!r}; use one of {POLICIES + tuple(KERNELS)}")
+    global _policy
+    _policy = policy
+
+
+def policy() -> str:
+    return _policy or os.environ.get("BITSMITH_KERNELS", "auto")
+
+
+def _triton_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if importlib.util.find_spec("triton") is None:
+        return "triton not installed: pip install 'bitsmith[gpu]'"
+    return None
+
+
+def available() -> dict[str, str | None]:
+    """{kernel: None if usable on this machine, else why not}."""
+    out = {}
+    cuda = _triton_reason()
+    for name, k in KERNELS.items():
+        if k.device == "cpu":
+            out[name] = _cpu.missing_ops()[name]
+        elif cuda is not None:
+            out[name] = cuda
+        elif name == "w8a8_intmm" and not hasattr(torch, "_int_mm"):
+            out[name] = "torch lacks _int_mm"
+        elif name == "w8a8_fp8" and torch.cuda.get_device_capability() < (8, 9):
+            out[name] = "FP8 needs compute capability 8.9+ (Ada/Hopper)"
+        else:
+            out[name] = None
+    return out
+
+
+def _layer_reason(module, name: str) -> str | None:
+    """Why kernel `name` cannot run this module's weight format (None when it can); cached per module."""
+    cache = module.__dict__.setdefault("_kernel_reasons", {})
+    if name not in cache:
+        if name in WEIGHT_ONLY_GPU:
+            cache[name] = layout.unsupported_reason(module.n, module.k, module.scheme, module.zero_kind,
+                                                    module.transform_spec)
+        elif name in ("cpu_int8", "cpu_int4"):
+            cache[name] = _cpu.unsupported_reason(name, module.n, module.k, module.scheme, module.transform_spec)
+        else:
+            cache[name] = "W8A8 kernels quantize activations; weight-only QuantLinear does not"
+    return cache[name]
+
+
+def explain(module, x: torch.Tensor) -> dict[str, str]:
+    """Each kernel's verdict for this module and input: "chosen", "usable", or why not."""
+    chosen = select(module, x)
+    out = {}
+    avail = available()
+    m = x.numel() // max(x.shape[-1], 1)
+    for name, k in KERNELS.items():
+        why = avail[name] or _layer_reason(module, name)
+        if why is None and k.device != x.device.type:
+            why = f"input is on {x.device.type}"
+        if why is None and name != chosen:
+            why = f"usable, not picked for M={m}, {x.dtype} under policy {policy()!r}"
+        out[name] = why or "chosen"
+    if chosen is None:
+        out["reference"] = "chosen"
+    return out
+
+
+def _auto(module, x: torch.Tensor) -> str | None:
+    dev = x.device.type
+    if dev == "cuda":
+        if x.dtype not in (torch.float16, torch.bfloat16) or _triton_reason() is not None:
+            return None
+        m = x.numel() // module.k
+        name = "triton_gemv" if m <= GEMV_MAX_M else "triton_gemm" if m <= GEMM_MAX_M else "triton_dequant"
+        return name if _layer_reason(module, name) is None else None
+    if dev == "cpu":
+        for name in ("cpu_int4", "cpu_int8"):
+            if _cpu.missing_ops()[name] is None and _layer_reason(module, name) is None:
+                return name
+    return None
+
+
+def select(module, x: torch.Tensor) -> str | None:
+    """The kernel that runs `module` on `x` under the current policy, or None for the reference path."""
+    pol = policy()
+    if pol == "reference" or torch.is_grad_enabled() and x.requires_grad:
+        return None                               # kernels have no backward; autograd uses the reference
+    if pol == "auto":
+        return _auto(module, x)
+    k = KERNELS.get(pol)
+    if k is None or k.device != x.device.type or _layer_reason(module, pol) is not None:
+        return None
+    if k.device == "cuda" and (x.dtype not in (torch.float16, torch.bfloat16) or _triton_reason()):
+        return None
+    return pol
+
+
+# ---- operands cached on the module -------------------------------------------------------------------
+def _key(module) -> tuple:
+    s = module.scale
+    return (module.qcodes.device, module.qcodes.data_ptr(), module.qcodes._version, s.data_ptr(), s._version)
+
+
+def _unpacked_zero(module) -> torch.Tensor | None:
+    qw = module.qweight()
+    if module.zero_kind == "none":
+        return None
+    return qw.zero
+
+
+def operands(module, name: str):
+    """The kernel-layout operands of `module` for kernel `name`, built once and cached (non-persistent
+    buffers named _kernel_*; a changed qcodes/scale tensor triggers a rebuild)."""
+    family = "gpu" if name in WEIGHT_ONLY_GPU else name
+    cache = module.__dict__.setdefault("_kernel_packs", {})
+    key = _key(module)
+    hit = cache.get(family)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    perm = getattr(module, "perm", None)
+    if family == "gpu":
+        pack = layout.build(module.qcodes, module.scale, _unpacked_zero(module), perm, module.scheme, module.n,
+                            module.k)
+        tensors = {"scale": pack.scale, "zero": pack.zero, "perm": pack.perm}
+    else:
+        qw = module.qweight()
+        pack = _cpu.build(qw.codes, qw.scale, qw.zero, perm, module.scheme, module.k)
+        tensors = {"w": pack.w, "scale": pack.scale, "zcorr": pack.zcorr}
+    for t_name, t in tensors.items():
+        if t is not None:
+            module.register_buffer(f"_kernel_{family}_{t_name}", t, persistent=False)
+    cache[family] = (key, pack)
+    return pack
+
+
+def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
+    """y = module(x) through kernel `name` (as chosen by `select`)."""
+    x2 = x.reshape(-1, module.k)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    bias = module.bias
+    pack = operands(module, name)
+    if name in WEIGHT_ONLY_GPU:
+        from . import triton_wq
+        bias = None if bias is None else bias.to(x.dtype)
+        m = x2.shape[0]
+        if name == "triton_gemv":
+            y = triton_wq.gemv(x2, pack, bias, **gemv_config(m, module.n, module.k))
+        elif name == "triton_gemm":
+            y = triton_wq.gemm(x2, pack, bias, **gemm_config(m, module.n, module.k))
+        else:
+            y = triton_wq.dequant_matmul(x2, pack, bias)
+    else:
+        y = _cpu.linear(x2, pack, bias)
+    return y.view(*x.shape[:-1], module.n)
+
+
+def gemv_config(m: int, n: int, k: int) -> dict:
+    """Launch shape of the GEMV: enough programs to fill 132 SMs several times over."""
+    block_n = 16
+    progs = -(-n // block_n)
+    split = 1
+    while progs * split < 528 and k // (split * 2) >= 1024:
+        split *= 2
+    return {"block_n": block_n, "block_g": 2, "split_k": split, "num_warps": 4}
+
+
+def gemm_config(m: int, n: int, k: int) -> dict:
+    return {"block_n": 64 if m <= 32 else 128, "num_warps": 4, "num_stages": 3}

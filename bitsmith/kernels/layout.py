@@ -1,0 +1,79 @@
+"""Kernel-friendly views of a packed quantized linear, built once at load time (pure torch).
+
+bitsmith packs each row of K codes as a little-endian bit stream (packing.py). For 4 and 8 bits with
+K * bits % 32 == 0 that stream, read as int32, is already what the GPU kernels want: word j of a row holds
+codes 32/bits * j .. in its low-to-high bits. So the codes are a zero-copy view; only the (small) scales
+and zero points are rearranged:
+
+  qw     (N, K*bits/32) int32   the module's own qcodes, viewed
+  scale  (G', N)                 transposed so a tile of output channels reads contiguous scales
+  zero   (G', N) float16         integer or fractional zero points (exact for integers); None if symmetric
+  perm   (K,) int32              act-order: stored column j is original column perm[j]
+
+G' = K / g' groups of g' = the largest power of two (<= 128) dividing both K and the group size, so a
+ragged last group (K = 576, g = 128) or a per-channel scale becomes whole power-of-two groups by repeating
+scales. That costs a few bytes per group, never a copy of the codes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..primitives import group_size_for
+from ..recipe import Scheme
+
+KERNEL_BITS = (4, 8)
+MAX_GROUP = 128
+
+
+@dataclass(frozen=True)
+class WQPack:
+    qw: torch.Tensor                 # (N, K * bits / 32) int32
+    scale: torch.Tensor              # (G', N) float16 / bfloat16 / float32
+    zero: torch.Tensor | None        # (G', N) float16, None = symmetric (implicit 2^(bits-1))
+    perm: torch.Tensor | None        # (K,) int32
+    bits: int
+    group: int                       # g', a power of two dividing K
+    n: int
+    k: int
+
+
+def unsupported_reason(n: int, k: int, scheme: Scheme, zero_kind: str, transform_spec: dict) -> str | None:
+    """Why the weight-only GPU kernels cannot run this layer (None when they can)."""
+    if scheme.grid != "int":
+        return f"grid {scheme.grid} (kernels cover integer grids)"
+    if scheme.bits not in KERNEL_BITS:
+        return f"{scheme.bits}-bit codes (kernels cover {KERNEL_BITS})"
+    if transform_spec:
+        return f"transforms {sorted(transform_spec)} (double-quantized scales or run-time transforms)"
+    if (k * scheme.bits) % 32:
+        return f"K={k} does not fill whole 32-bit words at {scheme.bits} bits"
+    if kernel_group(k, scheme) * scheme.bits < 32:
+        return f"group size {scheme.group_size} with K={k} gives groups narrower than one 32-bit word"
+    return None
+
+
+def kernel_group(k: int, scheme: Scheme) -> int:
+    g = group_size_for(k, scheme.group_size)
+    common = math.gcd(g, k)
+    return min(common & -common, MAX_GROUP)          # largest power of two dividing both
+
+
+def build(qcodes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, perm: torch.Tensor | None,
+          scheme: Scheme, n: int, k: int) -> WQPack:
+    """`zero` is (N, G) float (unpacked) or None when symmetric; `scale` (N, G) as stored."""
+    g = group_size_for(k, scheme.group_size)
+    gk = kernel_group(k, scheme)
+    rep = g // gk                                                  # kernel groups per stored group
+    n_kgroups = k // gk
+
+    def expand(t: torch.Tensor) -> torch.Tensor:                  # (N, G) -> (G', N)
+        return t.repeat_interleave(rep, dim=1)[:, :n_kgroups].t().contiguous()
+
+    qw = qcodes.contiguous().view(torch.int32).view(n, k * scheme.bits // 32)
+    return WQPack(qw=qw, scale=expand(scale), zero=None if zero is None else expand(zero.to(torch.float16)),
+                  perm=None if perm is None else perm.to(torch.int32).contiguous(), bits=scheme.bits, group=gk,
+                  n=n, k=k)

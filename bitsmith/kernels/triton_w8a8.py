@@ -1,0 +1,128 @@
+"""W8A8 on the GPU: dynamic per-token activations times per-channel weights, int8 or FP8 e4m3.
+
+int8: one Triton pass quantizes each row of x (absmax / 127, round half to even, as reference.py), then
+either a Triton int8 tensor-core GEMM whose epilogue applies both scales and the bias (`int8_fused`), or
+torch._int_mm (cuBLASLt) followed by a Triton epilogue pass (`int8_intmm`). FP8 e4m3: the same row
+quantization to e4m3 (absmax / 448) and torch._scaled_mm with row-wise scales (Hopper's FP8 units).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import FP8_E4M3_MAX
+
+
+@triton.jit
+def _quant_rows_kernel(X, Q, S, K, stride_xm, QMAX: tl.constexpr, FP8: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    rk = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(X + row * stride_xm + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    s = tl.maximum(tl.max(amax, axis=0), 1e-12) / QMAX
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(X + row * stride_xm + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        if FP8:
+            q = (x / s).to(Q.dtype.element_ty)
+        else:
+            # round half to even (as torch.round) by the 1.5 * 2^23 trick: exact for |v| < 2^22
+            v = tl.clamp(x / s, -QMAX, QMAX)
+            q = ((v + 12582912.0) - 12582912.0).to(tl.int8)
+        tl.store(Q + row * K + k0 + rk, q, mask=k0 + rk < K)
+    tl.store(S + row, s)
+
+
+def quantize_rows(x2: torch.Tensor, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> codes (M, K) int8 or float8_e4m3fn, scales (M,) float32."""
+    m, k = x2.shape
+    q = torch.empty(m, k, device=x2.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    s = torch.empty(m, device=x2.device, dtype=torch.float32)
+    _quant_rows_kernel[(m,)](x2, q, s, k, x2.stride(0), QMAX=FP8_E4M3_MAX if fp8 else 127.0, FP8=fp8,
+                             BLOCK_K=min(4096, triton.next_power_of_2(k)), num_warps=8)
+    return q, s
+
+
+@triton.jit
+def _int8_gemm_kernel(A, B, SA, SB, BIAS, Y, M, N, K, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """A (M, K) int8 row-major, B (N, K) int8 row-major; Y = (A B^T) * SA[:, None] * SB[None, :] + bias."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = k0 + rk < K
+        a = tl.load(A + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None] & kmask[None, :], other=0)
+        b = tl.load(B + rn[:, None] * K + (k0 + rk)[None, :], mask=(rn < N)[:, None] & kmask[None, :], other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+    sa = tl.load(SA + rm, mask=rm < M, other=0.0)
+    sb = tl.load(SB + rn, mask=rn < N, other=0.0).to(tl.float32)
+    y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    if HAS_BIAS:
+        y += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rm[:, None] * N + rn[None, :], y.to(Y.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit
+def _scale_epilogue_kernel(ACC, SA, SB, BIAS, Y, M, N, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    msk = (rm < M)[:, None] & (rn < N)[None, :]
+    acc = tl.load(ACC + rm[:, None] * N + rn[None, :], mask=msk, other=0)
+    y = acc.to(tl.float32) * tl.load(SA + rm, mask=rm < M, other=0.0)[:, None] \
+        * tl.load(SB + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rm[:, None] * N + rn[None, :], y.to(Y.dtype.element_ty), mask=msk)
+
+
+def int8_fused(x2: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+               block_m: int = 128, block_n: int = 128, block_k: int = 128, group_m: int = 8, num_warps: int = 8,
+               num_stages: int = 4) -> torch.Tensor:
+    m, k = x2.shape
+    n = w8.shape[0]
+    xq, sx = quantize_rows(x2)
+    y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _int8_gemm_kernel[grid](xq, w8, sx, w_scale, bias if bias is not None else w_scale, y, m, n, k,
+                            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                            GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages)
+    return y
+
+
+def int8_intmm(x2: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """torch._int_mm needs M > 16 and K, N multiples of 8 (the dispatcher checks)."""
+    m, _ = x2.shape
+    n = w8.shape[0]
+    xq, sx = quantize_rows(x2)
+    acc = torch._int_mm(xq, w8.t())
+    y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
+    grid = (triton.cdiv(m, 32), triton.cdiv(n, 128))
+    _scale_epilogue_kernel[grid](acc, sx, w_scale, bias if bias is not None else w_scale, y, m, n,
+                                 HAS_BIAS=bias is not None, BLOCK_M=32, BLOCK_N=128)
+    return y
+
+
+def fp8_scaled_mm(x2: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """w8 (N, K) float8_e4m3fn, w_scale (N,) float32; Hopper or newer; K, N multiples of 16."""
+    xq, sx = quantize_rows(x2, fp8=True)
+    y = torch._scaled_mm(xq, w8.t(), scale_a=sx.view(-1, 1), scale_b=w_scale.float().view(1, -1),
+                         out_dtype=torch.bfloat16)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x2.dtype)

@@ -1,0 +1,253 @@
+"""Fused dequantize-matmul Triton kernels for weight-only integer quantization (W4A16, W8A16).
+
+Three kernels over the layout of layout.py (codes as int32 words, 32/bits codes per word, low bits first):
+  gemv     small M: CUDA cores. Each program owns BLOCK_N output channels and walks K in tiles of whole
+           groups (optionally split over SPLIT_K programs, summed with fp32 atomics). Per group it sums
+           q * x in fp32 and applies scale and zero once: y += s * (sum q x - z * sum x).
+  gemm     larger M: tensor cores. Each K step dequantizes one (BLOCK_N, BLOCK_W) tile of words to the
+           activation dtype and issues one tl.dot per code position in the word, against the matching
+           strided columns of x (the dot's K order is free, so nibbles never need interleaving).
+  dequant  writes the dense (N, K) weight, for large M where cuBLAS on the dense weight wins.
+
+Integer -> float without the slow I2F instruction: a code masked in place at bit offset sh (< 23) OR-ed
+into the exponent of 2^23 is the float 2^23 + q * 2^sh exactly; subtracting 2^23 gives q * 2^sh, and the
+2^-sh is folded into x (gemv) or the scale (gemm). Codes above bit 23 are shifted down once per word.
+Act-order: x is read through the stored permutation; the weights stay in their stored order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import WQPack
+
+MAGIC = 8388608.0          # 2^23
+
+
+@triton.jit
+def _code(w, ws, i: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr):
+    """Code i of each int32 word as float32 q * 2^sh, where sh = _code_shift(i). `ws` = w >> HI."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if (i + 1) * BITS <= 23:
+        m = (w & (MASK << (i * BITS))) | 0x4B000000
+    else:
+        m = (ws & (MASK << (i * BITS - HI))) | 0x4B000000
+    return m.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _code_inv_scale(i: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr):
+    if (i + 1) * BITS <= 23:
+        sh: tl.constexpr = i * BITS
+    else:
+        sh: tl.constexpr = i * BITS - HI
+    return 1.0 / (1 << sh)
+
+
+@triton.jit
+def _wq_gemv_kernel(X, QW, S, Z, P, B, Y, M, N, K, stride_xm, stride_ym,
+                    BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr):
+    CPW: tl.constexpr = 32 // BITS                 # codes per word
+    WPG: tl.constexpr = GS // CPW                  # words per group
+    HI: tl.constexpr = 12 if BITS == 4 else 16
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    wpr = K // CPW
+    n_groups = K // GS
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rg = tl.arange(0, BLOCK_G)
+    rw = tl.arange(0, WPG)
+    nmask = rn < N
+    mmask = rm < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t0 in range(0, tl.cdiv(n_groups, BLOCK_G), SPLIT_K):
+        g = (t0 + pid_k) * BLOCK_G + rg                                       # (BG,)
+        gmask = g < n_groups
+        word = g[:, None] * WPG + rw[None, :]                                 # (BG, WPG)
+        w = tl.load(QW + rn[:, None, None] * wpr + word[None, :, :],
+                    mask=nmask[:, None, None] & gmask[None, :, None], other=0)   # (BN, BG, WPG) int32
+        ws = w >> HI
+        part = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_G, WPG), dtype=tl.float32)
+        xsum = tl.zeros((BLOCK_M, BLOCK_G, WPG), dtype=tl.float32)
+        for i in tl.static_range(CPW):
+            col = word * CPW + i                                              # (BG, WPG) stored column
+            if HAS_PERM:
+                col = tl.load(P + col, mask=gmask[:, None], other=0)
+            xi = tl.load(X + rm[:, None, None] * stride_xm + col[None, :, :],
+                         mask=mmask[:, None, None] & gmask[None, :, None], other=0.0).to(tl.float32)
+            xsum += xi
+            q = _code(w, ws, i, BITS, HI)                                     # (BN, BG, WPG) q * 2^sh
+            part += q[None, :, :, :] * (xi * _code_inv_scale(i, BITS, HI))[:, None, :, :]
+        s = tl.load(S + g[None, :] * N + rn[:, None], mask=nmask[:, None] & gmask[None, :],
+                    other=0.0).to(tl.float32)                                 # (BN, BG)
+        if HAS_ZERO:
+            z = tl.load(Z + g[None, :] * N + rn[:, None], mask=nmask[:, None] & gmask[None, :],
+                        other=0.0).to(tl.float32)
+        else:
+            z = tl.full((BLOCK_N, BLOCK_G), 1 << (BITS - 1), tl.float32)
+        qx = tl.sum(part, axis=3)                                             # (BM, BN, BG)
+        xg = tl.sum(xsum, axis=2)                                             # (BM, BG)
+        acc += tl.sum(s[None, :, :] * (qx - z[None, :, :] * xg[:, None, :]), axis=2)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    out = Y + rm[:, None] * stride_ym + rn[None, :]
+    omask = mmask[:, None] & nmask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(Y.dtype.element_ty), mask=omask)
+    else:
+        tl.atomic_add(out, acc, mask=omask)
+
+
+@triton.jit
+def _wq_gemm_kernel(X, QW, S, Z, P, B, Y, M, N, K, stride_xm, stride_ym,
+                    BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_W: tl.constexpr, GROUP_M: tl.constexpr):
+    CPW: tl.constexpr = 32 // BITS
+    WPG: tl.constexpr = GS // CPW
+    HI: tl.constexpr = 12 if BITS == 4 else 16
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n                     # programs sharing a band of rows of x (L2 reuse)
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    wpr = K // CPW
+    n_groups = K // GS
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = tl.arange(0, BLOCK_W)
+    mmask = rm < M
+    nmask = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for w0 in range(0, wpr, BLOCK_W):
+        word = w0 + rw                                                        # (BW,)
+        wmask = word < wpr
+        w = tl.load(QW + rn[:, None] * wpr + word[None, :], mask=nmask[:, None] & wmask[None, :], other=0)
+        ws = w >> HI
+        if BLOCK_W <= WPG:                       # the whole tile lies in one group: one scale per channel
+            g = w0 // WPG
+            s = tl.load(S + g * N + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]       # (BN, 1)
+            if HAS_ZERO:
+                z = tl.load(Z + g * N + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+            else:
+                z = tl.full((BLOCK_N, 1), 1 << (BITS - 1), tl.float32)
+        else:
+            g = word // WPG
+            gm = nmask[:, None] & (g < n_groups)[None, :]
+            s = tl.load(S + g[None, :] * N + rn[:, None], mask=gm, other=0.0).to(tl.float32)  # (BN, BW)
+            if HAS_ZERO:
+                z = tl.load(Z + g[None, :] * N + rn[:, None], mask=gm, other=0.0).to(tl.float32)
+            else:
+                z = tl.full((BLOCK_N, BLOCK_W), 1 << (BITS - 1), tl.float32)
+        zs = z * s
+        for i in tl.static_range(CPW):
+            col = word * CPW + i
+            if HAS_PERM:
+                col = tl.load(P + col, mask=wmask, other=0)
+            xi = tl.load(X + rm[:, None] * stride_xm + col[None, :], mask=mmask[:, None] & wmask[None, :],
+                         other=0.0)                                           # (BM, BW)
+            q = _code(w, ws, i, BITS, HI)                                     # (BN, BW)
+            wi = (q * (s * _code_inv_scale(i, BITS, HI)) - zs).to(xi.dtype)
+            acc = tl.dot(xi, tl.trans(wi), acc)
+    if HAS_BIAS:
+        acc += tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rm[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _wq_dequant_kernel(QW, S, Z, W, N, K, BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """W (N, K) in stored column order (act-order callers permute x instead)."""
+    CPW: tl.constexpr = 32 // BITS
+    WPG: tl.constexpr = GS // CPW
+    HI: tl.constexpr = 12 if BITS == 4 else 16
+    wpr = K // CPW
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    word = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    msk = (rn < N)[:, None] & (word < wpr)[None, :]
+    w = tl.load(QW + rn[:, None] * wpr + word[None, :], mask=msk, other=0)
+    ws = w >> HI
+    g = word // WPG
+    s = tl.load(S + g[None, :] * N + rn[:, None], mask=msk, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(Z + g[None, :] * N + rn[:, None], mask=msk, other=0.0).to(tl.float32)
+    else:
+        z = tl.full((BLOCK_N, BLOCK_W), 1 << (BITS - 1), tl.float32)
+    for i in tl.static_range(CPW):
+        q = _code(w, ws, i, BITS, HI)
+        wi = q * (s * _code_inv_scale(i, BITS, HI)) - z * s
+        tl.store(W + rn[:, None] * K + word[None, :] * CPW + i, wi.to(W.dtype.element_ty), mask=msk)
+
+
+# ---- launchers ---------------------------------------------------------------------------------------
+def _common(p: WQPack, x2: torch.Tensor, bias: torch.Tensor | None):
+    zero = p.zero if p.zero is not None else p.scale            # dummy pointer when symmetric
+    perm = p.perm if p.perm is not None else p.qw
+    b = bias if bias is not None else p.scale
+    return zero, perm, b
+
+
+def gemv(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block_n: int = 16,
+         block_g: int = 2, split_k: int = 1, num_warps: int = 4) -> torch.Tensor:
+    """(M, K) x (N, K)-quantized -> (M, N); the weights are read once per 8 rows of x, so small M."""
+    m = x2.shape[0]
+    zero, perm, b = _common(p, x2, bias)
+    block_m = min(8, triton.next_power_of_2(m))                # rows of x per program (grid axis 2)
+    block_g = min(block_g, triton.next_power_of_2(p.k // p.group))
+    if split_k > 1:
+        y = torch.zeros(m, p.n, device=x2.device, dtype=torch.float32)
+    else:
+        y = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
+    grid = (triton.cdiv(p.n, block_n), split_k, triton.cdiv(m, block_m))
+    _wq_gemv_kernel[grid](x2, p.qw, p.scale, zero, perm, b, y, m, p.n, p.k, x2.stride(0), y.stride(0),
+                          BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None, HAS_PERM=p.perm is not None,
+                          HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_G=block_g,
+                          SPLIT_K=split_k, num_warps=num_warps)
+    return y if split_k == 1 else y.to(x2.dtype)
+
+
+def gemm(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block_m: int | None = None,
+         block_n: int = 128, block_w: int | None = None, group_m: int = 8, num_warps: int = 4,
+         num_stages: int = 3) -> torch.Tensor:
+    m = x2.shape[0]
+    zero, perm, b = _common(p, x2, bias)
+    if block_m is None:
+        block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    if block_w is None:
+        block_w = 16 if p.bits == 4 else 32
+    y = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(p.n, block_n),)
+    _wq_gemm_kernel[grid](x2, p.qw, p.scale, zero, perm, b, y, m, p.n, p.k, x2.stride(0), y.stride(0),
+                          BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None, HAS_PERM=p.perm is not None,
+                          HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w,
+                          GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages)
+    return y
+
+
+def dequantize(p: WQPack, dtype: torch.dtype) -> torch.Tensor:
+    """Dense (N, K) weight in the original column order."""
+    w = torch.empty(p.n, p.k, device=p.qw.device, dtype=dtype)
+    block_n, block_w = 32, 32
+    grid = (triton.cdiv(p.n, block_n), triton.cdiv(p.k * p.bits // 32, block_w))
+    _wq_dequant_kernel[grid](p.qw, p.scale, p.zero if p.zero is not None else p.scale, w, p.n, p.k, BITS=p.bits,
+                             GS=p.group, HAS_ZERO=p.zero is not None, BLOCK_N=block_n, BLOCK_W=block_w)
+    if p.perm is not None:
+        w = torch.empty_like(w).index_copy_(1, p.perm.long(), w)
+    return w
+
+
+def dequant_matmul(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Large M: dense weight once, then cuBLAS."""
+    return torch.nn.functional.linear(x2, dequantize(p, x2.dtype), bias)

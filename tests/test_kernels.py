@@ -1,0 +1,193 @@
+"""Every kernel against kernels/reference.py: M in {1, 3, 17, 64}, K in {576, 1536, 4096}, with and without
+act-order. Outputs must match within rtol 1e-2 (plus a small absolute floor scaled to the output's RMS,
+for entries near zero) and have cosine similarity >= 0.9999. GPU kernels skip without CUDA/triton."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bitsmith import kernels
+from bitsmith.kernels import layout, reference
+from bitsmith.nn import QuantLinear
+from bitsmith.packing import unpack
+from bitsmith.primitives import dequantize_weight, quantize_weight
+from bitsmith.recipe import Scheme
+
+MS = (1, 3, 17, 64)
+KS = (576, 1536, 4096)
+N = 80                      # not a multiple of the GPU block sizes (torch's CPU int4 needs N % 16 == 0)
+CUDA = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
+
+
+def assert_matches(y: torch.Tensor, ref: torch.Tensor) -> None:
+    y, ref = y.float(), ref.float()
+    assert torch.isfinite(y).all()
+    rms = ref.pow(2).mean().sqrt()
+    bad = (y - ref).abs() > 1e-2 * ref.abs() + 1e-2 * rms
+    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} entries off; max err {float((y - ref).abs().max())}"
+    cos = torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0)
+    assert cos >= 0.9999, f"cosine {float(cos)}"
+
+
+def make_layer(k: int, scheme: Scheme, act_order: bool, seed: int = 0, n: int = N, bias: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    qw = quantize_weight(w, scheme)
+    if act_order:
+        qw = dataclasses.replace(qw, perm=torch.randperm(k, generator=g).to(torch.int32))
+    b = torch.randn(n, generator=g) if bias else None
+    return QuantLinear.from_qweight(qw, b), qw
+
+
+def gpu_pack(mod: QuantLinear):
+    zero = None if mod.zero_kind == "none" else unpack(mod.qzero, mod.scheme.bits, mod.n_groups).float()
+    return layout.build(mod.qcodes, mod.scale, zero, getattr(mod, "perm", None), mod.scheme, mod.n, mod.k)
+
+
+# ---- layout (pure torch, runs everywhere) ---------------------------------------------------------------
+@pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (4, 64, True), (8, None, True), (8, 32, False)])
+@pytest.mark.parametrize("k", KS)
+def test_layout_decodes_bit_exactly(bits, group, sym, k):
+    """The int32 words, re-laid scales and zeros describe exactly the stored weight (ragged groups too)."""
+    mod, qw = make_layer(k, Scheme(bits=bits, group_size=group, symmetric=sym), act_order=True, bias=False)
+    p = gpu_pack(mod)
+    cpw = 32 // bits
+    shifts = torch.arange(cpw, dtype=torch.int32) * bits
+    codes = ((p.qw.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).view(mod.n, k).float()     # (N, K)
+    s = p.scale.float().t().repeat_interleave(p.group, 1)                                     # (N, K)
+    z = (1 << (bits - 1)) if p.zero is None else p.zero.float().t().repeat_interleave(p.group, 1)
+    w = torch.empty(mod.n, k).index_copy_(1, p.perm.long(), (codes - z) * s)
+    assert torch.equal(w, dequantize_weight(qw))
+    assert p.qw.data_ptr() == mod.qcodes.data_ptr()          # codes are a view, never a copy
+
+
+def test_layout_refuses_what_it_cannot_run():
+    assert "grid nf4" in layout.unsupported_reason(8, 64, Scheme(bits=4, grid="nf4"), "none", {})
+    assert "3-bit" in layout.unsupported_reason(8, 64, Scheme(bits=3), "packed", {})
+    assert "32-bit words" in layout.unsupported_reason(8, 100, Scheme(bits=4, group_size=None), "packed", {})
+    assert layout.unsupported_reason(8, 576, Scheme(bits=4, group_size=128), "packed", {}) is None
+
+
+# ---- CPU kernels -----------------------------------------------------------------------------------------
+CPU_SCHEMES = [("cpu_int4", Scheme(bits=4, group_size=64)), ("cpu_int4", Scheme(bits=4, group_size=32, symmetric=True)),
+               ("cpu_int8", Scheme(bits=8, group_size=None, symmetric=True)), ("cpu_int8", Scheme(bits=8, group_size=None))]
+
+
+@pytest.mark.skipif(any(kernels.cpu.missing_ops().values()), reason="torch build lacks the CPU int kernels")
+@pytest.mark.parametrize("name,scheme", CPU_SCHEMES, ids=lambda v: v if isinstance(v, str) else v.label())
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("k", KS)
+def test_cpu_kernels_match_reference(name, scheme, act_order, k):
+    mod, qw = make_layer(k, scheme, act_order, seed=k)
+    for m in MS:
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        assert kernels.select(mod, x) == name
+        assert_matches(mod(x), reference.weight_only_linear(x, qw, mod.bias))
+    xb = torch.randn(3, k).to(torch.bfloat16)                                      # bf16 activations
+    assert_matches(kernels.run(mod, xb, name), reference.weight_only_linear(xb, qw, mod.bias))
+
+
+# ---- dispatch ------------------------------------------------------------------------------------------
+def test_dispatch_is_explicit_and_inspectable():
+    mod, _ = make_layer(576, Scheme(bits=4, group_size=64), act_order=False)
+    x = torch.randn(2, 576)
+    verdict = kernels.explain(mod, x)
+    assert set(kernels.KERNELS) <= set(verdict)
+    if kernels.available()["cpu_int4"] is None:
+        assert verdict["cpu_int4"] == "chosen"
+    assert "W8A8" in verdict["w8a8_int8"] or "CUDA" in verdict["w8a8_int8"]
+    nf4, _ = make_layer(576, Scheme(bits=4, group_size=64, grid="nf4"), act_order=False)
+    assert kernels.select(nf4, x) is None and "grid nf4" in kernels.explain(nf4, x)["cpu_int4"]
+    kernels.set_policy("reference")
+    try:
+        assert kernels.select(mod, x) is None and kernels.explain(mod, x)["reference"] == "chosen"
+    finally:
+        kernels.set_policy(None)
+    with pytest.raises(ValueError, match="unknown kernel policy"):
+        kernels.set_policy("fastest")
+
+
+@pytest.mark.skipif(kernels.cpu.missing_ops()["cpu_int4"] is not None, reason="no CPU int4 kernel")
+def test_kernel_cache_stays_out_of_checkpoints_and_follows_the_codes():
+    mod, _ = make_layer(576, Scheme(bits=4, group_size=64), act_order=True)
+    other, qw2 = make_layer(576, Scheme(bits=4, group_size=64), act_order=True, seed=1)
+    x = torch.randn(3, 576)
+    mod(x)
+    assert any(name.startswith("_kernel_") for name, _ in mod.named_buffers())
+    assert not any(key.startswith("_kernel_") for key in mod.state_dict())
+    mod.load_state_dict(other.state_dict())                 # in-place copy: the cache must be rebuilt
+    assert_matches(mod(x), reference.weight_only_linear(x, qw2, other.bias))
+
+
+def test_import_bitsmith_does_not_import_triton():
+    code = "import sys, torch, bitsmith, bitsmith.kernels; assert 'triton' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- GPU kernels (skip without CUDA) --------------------------------------------------------------------
+GPU_SCHEMES = [Scheme(bits=4, group_size=128), Scheme(bits=4, group_size=32, symmetric=True),
+               Scheme(bits=8, group_size=None, symmetric=True), Scheme(bits=8, group_size=128)]
+
+
+@gpu
+@pytest.mark.parametrize("name", ["triton_gemv", "triton_gemm", "triton_dequant"])
+@pytest.mark.parametrize("scheme", GPU_SCHEMES, ids=lambda s: s.label())
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_weight_only_kernels_match_reference(name, scheme, act_order, k, dtype):
+    mod, qw = make_layer(k, scheme, act_order, seed=k)
+    mod = mod.cuda()
+    qw = dataclasses.replace(qw, codes=qw.codes.cuda(), scale=qw.scale.cuda(),
+                             zero=None if qw.zero is None else qw.zero.cuda(),
+                             perm=None if qw.perm is None else qw.perm.cuda())
+    for m in MS:
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        y = kernels.run(mod, x, name)
+        ref = reference.weight_only_linear(x, qw, mod.bias)
+        if dtype == torch.float16:
+            assert_matches(y, ref)
+        else:       # bf16 activations: the reference rounds W to bf16 too; same bounds on the fp32 result
+            assert_matches(y, reference.weight_only_linear(x.float(), qw, mod.bias))
+
+
+@gpu
+def test_quantlinear_on_cuda_dispatches_by_m():
+    mod, qw = make_layer(4096, Scheme(bits=4, group_size=128), act_order=False)
+    mod = mod.cuda()
+    picks = {m: kernels.select(mod, torch.randn(m, 4096, device="cuda", dtype=torch.float16)) for m in (1, 64, 4096)}
+    assert picks == {1: "triton_gemv", 64: "triton_gemm", 4096: "triton_dequant"}
+
+
+@gpu
+@pytest.mark.parametrize("name", ["int8_fused", "int8_intmm", "fp8"])
+@pytest.mark.parametrize("k", KS)
+def test_w8a8_kernels_match_reference(name, k):
+    from bitsmith.kernels import triton_w8a8 as w8a8
+
+    if name == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs compute capability 8.9+")
+    n = 208                                            # torch._scaled_mm needs N % 16 == 0
+    w = torch.randn(n, k, device="cuda")
+    bias = torch.randn(n, device="cuda").half()
+    if name == "fp8":
+        ws = w.abs().amax(1) / reference.FP8_E4M3_MAX
+        w8 = (w / ws[:, None]).to(torch.float8_e4m3fn)
+        fn, ref_fn = w8a8.fp8_scaled_mm, reference.fp8_linear
+    else:
+        ws = w.abs().amax(1) / 127
+        w8 = torch.round(w / ws[:, None]).clamp(-127, 127).to(torch.int8)
+        fn = w8a8.int8_fused if name == "int8_fused" else w8a8.int8_intmm
+        ref_fn = reference.w8a8_linear
+    for m in MS:
+        if name == "int8_intmm" and m <= 16:
+            continue                                   # torch._int_mm needs M > 16 (the dispatcher checks)
+        x = torch.randn(m, k, device="cuda").half()
+        assert_matches(fn(x, w8, ws, bias), ref_fn(x, w8, ws, bias))

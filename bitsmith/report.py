@@ -132,35 +132,46 @@ def _pyplot():
 
 
 def plot_size_quality(rows: list[dict], max_loss: float | None = None) -> bytes | None:
-    """PNG: size (MB) against quality loss (%), Pareto front joined and ringed; None without matplotlib."""
+    """PNG: size (MB) against quality loss (%), Pareto front joined and ringed; None without matplotlib.
+    Each configuration has its own colour and a legend entry (labels written beside close points would
+    overlap: 4-bit rows of different methods land within a few MB of each other)."""
     plt = _pyplot()
     pts = [(row_size(r) / 1e6, quality_loss(r), r) for r in rows if row_size(r) and quality_loss(r) is not None]
     if plt is None or not pts:
         return None
     front = pareto_front([(x, y) for x, y, _ in pts])
-    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
+    tab20 = plt.get_cmap("tab20").colors
+    colours = tab20[::2] + tab20[1::2]      # the ten strong colours first, then their light twins
     markers = {"bitsmith": "o", "reference": "*"}
-    for k, (x, y, r) in enumerate(sorted(pts, key=lambda p: (p[0], p[1]))):
+    for k, (x, y, r) in enumerate(pts):
         src = r.get("source", "bitsmith")
-        ax.scatter(x, y, marker=markers.get(src, "s"), s=90 if src == "reference" else 40,
-                   color="#888" if src not in markers else None, zorder=3)
-        # neighbours in size get labels on alternating sides so close points stay readable
-        ax.annotate(r["config"], (x, y), textcoords="offset points", xytext=(6, 9 - 12 * (k % 3)), fontsize=7)
-    fx = [pts[i][0] for i in front]
-    fy = [pts[i][1] for i in front]
-    ax.plot(fx, fy, "-", color="#d62728", lw=1.5, zorder=2, label="Pareto front")
-    ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="#d62728", lw=1.5, zorder=4)
+        ax.scatter(x, y, marker=markers.get(src, "s"), s=140 if src == "reference" else 45, zorder=3,
+                   color=colours[k % len(colours)], label=f"{r['config']}  ({y:+.1f}%)")
+    fx, fy = zip(*sorted((pts[i][0], pts[i][1]) for i in front))
+    ax.plot(fx, fy, "-", color="#d62728", lw=1.2, zorder=2)
+    ax.scatter(fx, fy, s=190, facecolors="none", edgecolors="#d62728", lw=1.4, zorder=4, label="Pareto front")
     if max_loss is not None:
-        ax.axhline(max_loss, ls=":", color="#2ca02c", lw=1, label=f"budget {max_loss:g}%")
+        ax.axhline(max_loss, ls=":", color="#2ca02c", lw=1.2, label=f"budget {max_loss:g}%")
     ys = [y for _, y, _ in pts]
-    if max(ys) - min(ys) > 50:      # 2-3 bit rows can lose 100s of %: keep the small ones readable
+    log_y = max(ys) - min(ys) > 50      # 2-3 bit rows can lose 100s of %: keep the small ones readable
+    if log_y:
         ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(min(0.0, min(ys)) - 0.5, max(ys) * 2 if log_y else max(ys) * 1.1 + 0.5)
+    xs = [x for x, _, _ in pts]
+    if max(xs) > 2.5 * min(xs):     # the float reference is 3-4x the 4-bit rows: log keeps them apart
+        ax.set_xscale("log")
+        from matplotlib.ticker import ScalarFormatter
+
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="x", which="both", labelsize=7)
     encoder = any(r.get("cosine") is not None for r in rows)
     ax.set_xlabel("size on disk (MB)")
     ax.set_ylabel("quality loss: 100·(1 − cosine) %" if encoder else "perplexity increase dPPL (%)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
-    ax.set_title("Size versus quality (lower left is better)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title("Size versus quality (lower left is better; ringed: Pareto front)", fontsize=10)
     return _png(fig, plt)
 
 

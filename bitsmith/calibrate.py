@@ -30,7 +30,7 @@ from torch import nn
 from . import methods
 from .apply import layer_report, make_quant_module, weight_2d
 from .errors import BitsmithError
-from .nn import QuantLinear
+from .nn import LINEAR_CLASSES
 from .observers import features, in_features, make_observers, observable
 from .primitives import dequantize_weight, quantize_weight
 from .recipe import Recipe, Scheme
@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 
 Batch = tuple[tuple, dict]            # (args, kwargs) of one block call; the hidden states are args[0]
 ENGINE_ARGS = ("true_sequential",)    # method_args the engine reads itself
-# QuantLinear applies QWeight.transform["input_scale"] at run time only when it says so (see awq.py).
-RUNTIME_INPUT_SCALE = "input_scale" in getattr(QuantLinear, "TRANSFORMS", ())
+# Whether a quantized linear class applies QWeight.transform["input_scale"] at run time (see awq.py).
+RUNTIME_INPUT_SCALE = any("input_scale" in c.TRANSFORMS for c in LINEAR_CLASSES)
 
 
 class _Stop(Exception):
@@ -170,7 +170,9 @@ def _walk_blocks(model: nn.Module, prefix: str, blocks: nn.ModuleList, inside: d
     finally:
         _move_outside(model, prefix, home)
     report: list[dict] = []
-    for i, block in _progress(list(enumerate(blocks)), progress, f"{run.name} {run.scheme.label()}"):
+    # Blocks after the last one holding a target need no visit: their inputs feed nothing quantized.
+    last = max(i for i in range(len(blocks)) if any(n.startswith(f"{prefix}.{i}.") for n in inside))
+    for i, block in _progress(list(enumerate(blocks))[:last + 1], progress, f"{run.name} {run.scheme.label()}"):
         bp = f"{prefix}.{i}."
         targets = {n[len(bp):]: m for n, m in inside.items() if n.startswith(bp)}
         block_home = _home_device(block)
@@ -178,8 +180,9 @@ def _walk_blocks(model: nn.Module, prefix: str, blocks: nn.ModuleList, inside: d
         t0 = time.perf_counter()
         if targets:
             report += quantize_block(block, targets, batches, run, bp)
-        for j, b in enumerate(batches):                   # quantized outputs feed the next block
-            batches[j] = _with_hidden(b, run_block(block, b))
+        if i < last:
+            for j, b in enumerate(batches):               # quantized outputs feed the next block
+                batches[j] = _with_hidden(b, run_block(block, b))
         block.to(block_home)
         log.info("block %d/%d done in %.1f s", i + 1, len(blocks), time.perf_counter() - t0)
     return report

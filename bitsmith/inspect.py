@@ -95,7 +95,10 @@ def _numel(shape) -> int:
 
 
 def render(info: dict) -> str:
-    extra_cols = [c for c in ("sqnr_db", "out_rel_err", "damp", "fallback") if any(c in r for r in info["layers"])]
+    # quant_report.json columns: calibrated methods' output error before (RTN) / after, GPTQ's damping and
+    # fallbacks, AWQ's fold
+    extra_cols = [c for c in ("sqnr_db", "out_rel_err_before", "out_rel_err", "damp", "fallback", "awq_fold")
+                  if any(c in r for r in info["layers"])]
     head = ["layer", "method", "bits", "group", "bpw", "bytes", *extra_cols]
     lines = [head]
     for r in info["layers"]:

@@ -9,9 +9,10 @@ imported GGUF Q4_1) are stored as float16.
 `QWeight.transform` tensors are stored as buffers of the same name, exactly as given. Two kinds exist:
 storage of the scales themselves (NF4 double quantization: `scale_codes`/`scale_absmax`/`scale_offset`
 replace the float `scale` buffer), and run-time transforms, which a module class must apply in its forward
-(its TRANSFORMS): `Int8MixedLinear` (LLM.int8(), `outlier_threshold`) and `HadamardLinear` (incoherence,
-`had_in`/`had_out`). `QuantLinear.from_qweight` picks the class that applies exactly the transforms a
-QWeight carries, and refuses one it cannot apply rather than computing something else.
+(its TRANSFORMS): `Int8MixedLinear` (LLM.int8(), `outlier_threshold`), `HadamardLinear` (incoherence,
+`had_in`/`had_out`) and `InputScaledLinear` (AWQ, `input_scale`). `QuantLinear.from_qweight` picks the
+class that applies exactly the transforms a QWeight carries, and refuses one it cannot apply rather than
+computing something else.
 """
 
 from __future__ import annotations
@@ -318,9 +319,23 @@ class HadamardLinear(QuantLinear):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
+class InputScaledLinear(QuantLinear):
+    """AWQ's run-time input scale, for layers whose scale no preceding op can absorb (o_proj under GQA):
+    the codes describe W diag(s) and `input_scale` = 1/s, so y = (W diag(s)) (x / s) = W x."""
+
+    kind = "linear_input_scaled"
+    TRANSFORMS = ("input_scale",)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = dequantize_weight(dataclasses.replace(self.qweight(), transform=None), x.dtype)   # W diag(s)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x * self.input_scale.to(x.dtype), w, bias)
+
+
 QUANT_MODULES = {"linear": QuantLinear, "conv2d": QuantConv2d, "embedding": QuantEmbedding,
-                 "linear_int8": Int8MixedLinear, "linear_hadamard": HadamardLinear}
-LINEAR_CLASSES = (QuantLinear, Int8MixedLinear, HadamardLinear)
+                 "linear_int8": Int8MixedLinear, "linear_hadamard": HadamardLinear,
+                 "linear_input_scaled": InputScaledLinear}
+LINEAR_CLASSES = (QuantLinear, Int8MixedLinear, HadamardLinear, InputScaledLinear)
 
 
 def linear_class(spec: dict) -> type[QuantLinear]:
@@ -337,7 +352,7 @@ def build_empty(info: dict, dtype: torch.dtype = torch.float32) -> _Packed:
     scheme = Scheme(**info["scheme"])
     common = {"method": info["method"], "zero": info["zero"], "has_perm": info["perm"],
               "transform": info.get("transform")}
-    if info["type"] in ("linear", "linear_int8", "linear_hadamard"):
+    if info["type"] in {c.kind for c in LINEAR_CLASSES}:
         return QUANT_MODULES[info["type"]](info["in_features"], info["out_features"], scheme, bias=info["bias"],
                                            bias_dtype=dtype, **common)
     if info["type"] == "conv2d":

@@ -233,6 +233,8 @@ def dequantize_weight(qw: QWeight, dtype: torch.dtype = torch.float32) -> torch.
         w = torch.empty_like(w).index_copy_(1, qw.perm.long(), w)
     if qw.transform is not None and "had_in" in qw.transform:    # incoherence: codes describe U W V^T
         w = undo_hadamard(w, qw.transform)
+    if qw.transform is not None and "input_scale" in qw.transform:    # AWQ: codes describe W diag(1 / input_scale)
+        w = w * qw.transform["input_scale"].float()
     return w.to(dtype)
 
 

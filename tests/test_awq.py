@@ -9,6 +9,7 @@ from torch import nn
 from bitsmith import Scheme, dequantize_weight, quantize_weight
 from bitsmith.calibrate import Group
 from bitsmith.methods import awq
+from bitsmith.nn import InputScaledLinear, QuantLinear
 
 from .test_calibrate import real_inputs
 from .test_gptq import correlated, out_err
@@ -93,9 +94,13 @@ def test_runtime_input_scale_when_no_fold_holds():
                                   Scheme(bits=3, group_size=16), probe=lambda: block(x), runtime_scale=True,
                                   info=info)
     assert info["fc2"]["awq_fold"] == "runtime"
+    assert torch.equal(block.fc2.weight, w0)                          # the float layer is left as it is
     qw = awq.quantize(block.fc2.weight.detach(), out["fc2"], Scheme(bits=3, group_size=16))
-    inv = qw.transform["input_scale"]                                  # x * input_scale feeds the scaled weight
-    got = (h2 * inv) @ dequantize_weight(qw).T
+    mod = QuantLinear.from_qweight(qw, block.fc2.bias, "awq")
+    assert isinstance(mod, InputScaledLinear)                          # x * input_scale feeds W diag(s)
+    with torch.no_grad():
+        got = mod(h2) - block.fc2.bias
+    assert torch.allclose(got, h2 @ dequantize_weight(qw).T, rtol=1e-4, atol=1e-4)   # the reference agrees
     rtn = h2 @ dequantize_weight(quantize_weight(w0, Scheme(bits=3, group_size=16))).T
     want = h2 @ w0.T
     assert (got - want).norm() < (rtn - want).norm()

@@ -7,9 +7,10 @@ mean|x|^a / mean|w|^(1-a)) with a chosen on a grid to minimise the group's outpu
 data, tr((W - Q(W s)/s) H (W - Q(W s)/s)^T) with H = X^T X / T (so it sees every calibration token;
 s = 1, plain RTN, is a candidate, so the search never loses to it). 1/s is folded into the operation that
 produced X: a norm found by tracing the block, or the linear named by LINEAR_FOLDS; each fold is checked
-on the block's output and undone if it changes it. Where no fold holds, 1/s becomes a runtime input scale
-(QWeight.transform["input_scale"]) if the runtime supports it, else the group keeps s = 1. Finally each
-weight's group ranges are shrunk (clipping search) to minimise the same output error per group.
+on the block's output and undone if it changes it. Where no fold holds (o_proj when v_proj has fewer
+outputs, GQA), 1/s becomes a run-time input scale (QWeight.transform["input_scale"], applied by
+nn.InputScaledLinear): the float layer is left as it is and `quantize` scales the weight itself. Finally
+each weight's group ranges are shrunk (clipping search) to minimise the same output error per group.
 """
 
 from __future__ import annotations
@@ -43,8 +44,15 @@ LINEAR_FOLDS = {"o_proj": "v_proj", "out_proj": "v_proj", "down_proj": "up_proj"
 def quantize(weight: torch.Tensor, stats: dict | None, scheme: Scheme, *, clip: bool = True,
              clip_grid: int = 20, max_shrink: float = 0.5, name: str = "weight",
              info: dict | None = None) -> QWeight:
-    """Quantize an (already scaled) weight (N, K); with `clip`, per-group ranges minimise the output error."""
+    """Quantize a weight (N, K), already scaled when its scale was folded; with a run-time scale
+    (stats["input_scale"] = 1/s) the codes describe W diag(s). With `clip`, per-group ranges minimise
+    the output error."""
     h = None if stats is None else stats.get("hessian")
+    runtime = None if stats is None else stats.get("input_scale")
+    if runtime is not None:
+        s = 1.0 / runtime.to(weight.device, torch.float32)
+        weight = weight.float() * s
+        h = None if h is None else h / torch.outer(s, s).to(h.device)
     if not clip or h is None or scheme.grid != "int":
         qw = quantize_weight(weight, scheme, name=name)
     else:
@@ -53,8 +61,8 @@ def quantize(weight: torch.Tensor, stats: dict | None, scheme: Scheme, *, clip: 
                              zero=None if zero is None else zero.to(weight.device), name=name)
         if info is not None:
             info["awq_clip_mean_shrink"] = round(float(shrink.mean()), 4)
-    if stats is not None and stats.get("input_scale") is not None:
-        qw = dataclasses.replace(qw, transform={"input_scale": stats["input_scale"].to(weight.device)})
+    if runtime is not None:
+        qw = dataclasses.replace(qw, transform={"input_scale": runtime.to(weight.device, torch.float32)})
     return qw
 
 
@@ -163,9 +171,10 @@ def transform_block(block: nn.Module, groups: list, mods: dict[str, nn.Module], 
         if how == "none":
             continue
         s = s.to(first["hessian"].device)
-        scaled = {"hessian": first["hessian"] / torch.outer(s, s), "act_absmean": first["act_absmean"] / s}
-        if how == "runtime":
-            scaled["input_scale"] = 1.0 / s
+        if how == "runtime":           # the float layers stay as they are: quantize() scales the weights
+            scaled = {**first, "input_scale": 1.0 / s}
+        else:
+            scaled = {"hessian": first["hessian"] / torch.outer(s, s), "act_absmean": first["act_absmean"] / s}
         for n in g.names:
             stats[n] = scaled
     return stats
@@ -186,7 +195,6 @@ def _apply(block: nn.Module, g, mods: dict[str, nn.Module], s: torch.Tensor, pro
         log.info("AWQ: folding into %s changes the block output (rel. %.2g); not folding %s", target_name,
                  err, ", ".join(g.names))
     if runtime_scale:
-        _scale_inputs([mods[n] for n in g.names], s)
         return "runtime"
     log.info("AWQ: no fold target for %s and no runtime input scale; keeping s = 1", ", ".join(g.names))
     return "none"

@@ -33,9 +33,11 @@ from bitsmith.models import load_model, load_text  # noqa: E402
 from bitsmith.size import size_report  # noqa: E402
 
 G64 = {b: Scheme(bits=b, group_size=64) for b in (2, 3, 4)}
-ROWS: dict[str, tuple[str, Scheme | None]] = {
+INT8 = Scheme(bits=8, group_size=None, symmetric=True)
+ROWS: dict[str, tuple] = {      # label: (method, scheme[, method_args])
     "fp32": ("none", None),
-    "llm_int8": ("llm_int8", Scheme(bits=8, group_size=None, symmetric=True)),
+    "llm_int8": ("llm_int8", INT8),                                  # threshold 6.0, the paper's default
+    "llm_int8-t3": ("llm_int8", INT8, {"threshold": 3.0}),
     "rtn-w8pc": ("rtn", Scheme(bits=8, group_size=None)),
     "nf4-g64-dq": ("nf4", G64[4]),
     "rtn-w4g64": ("rtn", G64[4]),
@@ -62,7 +64,8 @@ def main() -> None:
     calib_text, text = load_text(None)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     for label in a.only or list(ROWS):
-        method, scheme = ROWS[label]
+        method, scheme, *args = ROWS[label]
+        args = args[0] if args else {}
         m = copy.deepcopy(lm.model)
         t0 = time.perf_counter()
         bpw = None
@@ -71,12 +74,12 @@ def main() -> None:
             if methods.get(method).NEEDS:
                 calib = {"tokenizer": lm.tokenizer, "calib_text": calib_text, "n_samples": a.calib_samples,
                          "seq_len": 512}
-            bitsmith.quantize(m, Recipe(method=method, scheme=scheme), **calib)
+            bitsmith.quantize(m, Recipe(method=method, scheme=scheme, method_args=args), **calib)
             bpw = size_report(m)["quantized_bpw"]
         seconds = time.perf_counter() - t0
         with torch.inference_mode():
             ppl = perplexity(m, lm.tokenizer, text, seq_len=1024, max_tokens=4096)["ppl"]
-        row = {"row": label, "method": method, "scheme": None if scheme is None else scheme.label(), "ppl": ppl,
+        row = {"row": label, "method": method, "method_args": args, "scheme": None if scheme is None else scheme.label(), "ppl": ppl,
                "quantized_bpw": bpw, "quantize_s": round(seconds, 1), "threads": a.threads,
                "calib_samples": a.calib_samples, "commit": commit}
         print(json.dumps(row), flush=True)

@@ -1,8 +1,8 @@
 """Binary and ternary weights (issue 5): bit-exact 1- and 2-bit packing, the XNOR-Net and TWN rules, exact
 storage, and a real CNN trained on scikit-learn's digits quantized end to end (benchmarks/digits_cnn.py)."""
 
+import importlib.util
 import os
-import sys
 
 import pytest
 import torch
@@ -74,8 +74,11 @@ def test_digits_cnn_end_to_end():
     """A CNN trained on sklearn digits in seconds, then binarised / ternarised post-training: the accuracy
     cost is real and measured (the README's table), and every quantized model reloads exactly."""
     pytest.importorskip("sklearn")
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
-    import digits_cnn
+    # loaded by path: putting benchmarks/ on sys.path would let its scripts shadow packages (kernels.py)
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "digits_cnn.py")
+    spec = importlib.util.spec_from_file_location("digits_cnn", path)
+    digits_cnn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digits_cnn)
 
     rows = {r["config"]: r for r in digits_cnn.run(seed=0)}
     print({k: round(r["accuracy"], 3) for k, r in rows.items()})

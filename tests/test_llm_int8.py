@@ -111,12 +111,15 @@ def test_bad_threshold():
 
 @pytest.mark.slow
 def test_smollm2_perplexity_within_one_percent(smollm2, eval_text):
+    """At threshold 3.0 (4% of SmolLM2's input columns go through the float path, most of them in down_proj).
+    At the paper's 6.0 this small model loses 1.3-1.6% (benchmarks/outlier_methods.py): its ordinary
+    activations are small enough that a per-token int8 grid stretched to 6 is already coarse for them."""
     from bitsmith.evaluate import perplexity
 
     m = copy.deepcopy(smollm2.model)
-    bitsmith.quantize(m, Recipe(method="llm_int8", scheme=INT8))
+    bitsmith.quantize(m, Recipe(method="llm_int8", scheme=INT8, method_args={"threshold": 3.0}))
     kw = {"seq_len": 1024, "max_tokens": 2048}
     ref = perplexity(smollm2.model, smollm2.tokenizer, eval_text, **kw)["ppl"]
     q = perplexity(m, smollm2.tokenizer, eval_text, **kw)["ppl"]
-    print(f"fp32 {ref:.4f}, LLM.int8() {q:.4f} ({100 * (q / ref - 1):+.2f}%)")
+    print(f"fp32 {ref:.4f}, LLM.int8() threshold 3 {q:.4f} ({100 * (q / ref - 1):+.2f}%)")
     assert abs(q / ref - 1) < 0.01

@@ -10,7 +10,8 @@ Timing: each measured call is captured REPS times in a CUDA graph (no Python or 
 numbers) over enough independent copies of the weights that they cannot sit in L2 (copies rotate), and the
 median over 7 replays is reported, in microseconds per call. Effective GB/s = bytes of weights (+ scales,
 zeros) + x + y over time, against the device-to-device copy rate measured in the same run.
-With --tune, GEMV/GEMM launch configurations are swept first and the best per shape is used (and saved).
+With --tune, GEMV/GEMM/int8 launch configurations are swept first (a time budget per shape and M); the
+winners are used by the rows below, QuantLinear's own dispatch ("auto") included, and saved in the JSON.
 
     python benchmarks/kernels.py --json $OUT/kernels.json [--tune] [--quick]
 """
@@ -124,50 +125,63 @@ def wbytes(mod: QuantLinear) -> int:
     return sum(t.numel() * t.element_size() for t in (p.qw, p.scale, p.zero) if t is not None)
 
 
-def tune_gemv(mod: QuantLinear, budget_s: float) -> dict:
-    """Best GEMV launch for M = 1 on this layer."""
-    p = kernels.operands(mod, "triton_gemv")
-    x = torch.randn(1, mod.k, device="cuda", dtype=torch.bfloat16)
-    n_copies = copies_for(wbytes(mod))
-    mods = [copy.deepcopy(mod) for _ in range(n_copies)]
-    packs = [kernels.operands(m, "triton_gemv") for m in mods]
+def sweep(fn_for_cfg, configs, budget_s: float) -> dict:
+    """The fastest config of `configs` (dicts) within `budget_s` seconds: {"us": ..., **config}."""
     best, t0 = None, time.time()
-    default = kernels.gemv_config(1, mod.n, mod.k)
-    splits = sorted({1, default["split_k"], 2 * default["split_k"]})
-    for bn, bg, nw, sk in itertools.product((8, 16, 32), (1, 2, 4), (4, 8), splits):
+    for cfg in configs:
         if time.time() - t0 > budget_s:
             break
-        if bg * p.group > mod.k:
-            continue
-        cfg = {"block_n": bn, "block_g": bg, "split_k": sk, "num_warps": nw}
         try:
-            us = bench([lambda q=q: triton_wq.gemv(x, q, None, **cfg) for q in packs])
-        except Exception as e:                   # noqa: BLE001
-            print(f"gemv config {cfg} failed: {e}", file=sys.stderr)
+            us = bench(fn_for_cfg(cfg))
+        except Exception as e:                   # noqa: BLE001 - a config that does not compile is skipped
+            print(f"config {cfg} failed: {str(e)[:200]}", file=sys.stderr)
             continue
         if best is None or us < best[0]:
             best = (us, cfg)
     return {"us": best[0], **best[1]} if best else {}
+
+
+def rotated_packs(mod: QuantLinear) -> list:
+    return [kernels.operands(copy.deepcopy(mod), "triton_gemv") for _ in range(copies_for(wbytes(mod)))]
+
+
+def tune_gemv(mod: QuantLinear, m: int, budget_s: float) -> dict:
+    x = torch.randn(m, mod.k, device="cuda", dtype=torch.bfloat16)
+    packs = rotated_packs(mod)
+    default = kernels.gemv_config(m, mod.n, mod.k)
+    splits = sorted({1, default["split_k"], 2 * default["split_k"]})
+    configs = [{"block_n": bn, "block_g": bg, "split_k": sk, "num_warps": nw}
+               for bn, bg, nw, sk in itertools.product((16, 32, 64, 8), (2, 4, 1, 8), (4, 8), splits)]
+    return sweep(lambda cfg: [lambda q=q: triton_wq.gemv(x, q, None, **cfg) for q in packs], configs, budget_s)
+
+
+def tune_gemv1(mod: QuantLinear, budget_s: float) -> dict:
+    x = torch.randn(1, mod.k, device="cuda", dtype=torch.bfloat16)
+    packs = rotated_packs(mod)
+    split = kernels.gemv1_config(mod.n, mod.k)["split_k"]
+    configs = [{"block_n": bn, "split_k": max(1, int(split * f)), "num_warps": nw}
+               for f, bn, nw in itertools.product((1, 0.5, 2), (64, 32, 128), (4, 8))]
+    return sweep(lambda cfg: [lambda q=q: triton_wq.gemv1(x, q, None, **cfg) for q in packs], configs, budget_s)
 
 
 def tune_gemm(mod: QuantLinear, m: int, budget_s: float) -> dict:
     x = torch.randn(m, mod.k, device="cuda", dtype=torch.bfloat16)
-    n_copies = copies_for(wbytes(mod))
-    packs = [kernels.operands(copy.deepcopy(mod), "triton_gemm") for _ in range(n_copies)]
-    best, t0 = None, time.time()
-    bms = (16,) if m <= 16 else (16, 32, 64) if m <= 64 else (64, 128)
-    for bm, bn, nw, st, bw in itertools.product(bms, (64, 128), (4, 8), (2, 3, 4), (16, 32)):
-        if time.time() - t0 > budget_s:
-            break
-        cfg = {"block_m": bm, "block_n": bn, "num_warps": nw, "num_stages": st, "block_w": bw}
-        try:
-            us = bench([lambda q=q: triton_wq.gemm(x, q, None, **cfg) for q in packs])
-        except Exception as e:                   # noqa: BLE001
-            print(f"gemm config {cfg} failed: {str(e)[:200]}", file=sys.stderr)
-            continue
-        if best is None or us < best[0]:
-            best = (us, cfg)
-    return {"us": best[0], **best[1]} if best else {}
+    packs = rotated_packs(mod)
+    bms = (16,) if m <= 16 else (64, 32, 16) if m <= 64 else (64, 128)
+    configs = [{"block_m": bm, "block_n": bn, "num_warps": nw, "num_stages": st, "block_w": bw}
+               for bm, bn, bw, nw, st in itertools.product(bms, (128, 64, 256), (16, 32), (4, 8), (3, 4, 2))]
+    return sweep(lambda cfg: [lambda q=q: triton_wq.gemm(x, q, None, **cfg) for q in packs], configs, budget_s)
+
+
+def tune_int8(n: int, k: int, m: int, budget_s: float) -> dict:
+    w8 = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+    sw = torch.rand(n, device="cuda") * 0.01
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    configs = [{"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": st}
+               for bm, bn, bk, nw, st in [(128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                                          (128, 128, 256, 8, 3), (128, 256, 64, 8, 4), (64, 256, 128, 4, 4),
+                                          (128, 128, 128, 4, 4)]]
+    return sweep(lambda cfg: [lambda: triton_w8a8.int8_fused(x, w8, sw, **cfg)], configs, budget_s)
 
 
 def run_shape(n: int, k: int, ms: list[int], tuned: dict) -> list[dict]:
@@ -182,8 +196,7 @@ def run_shape(n: int, k: int, ms: list[int], tuned: dict) -> list[dict]:
     i8s = [(i8.clone(), s8.clone()) for _ in range(copies_for(n * k))]
     f8s = [(f8.clone(), sf.clone()) for _ in range(copies_for(n * k))]
     t4s = [(t4[0].clone(), t4[1].clone()) for _ in range(c4)] if t4 else []
-    gemv_cfg = tuned.get(f"gemv4_{n}x{k}")
-    gemv8_cfg = tuned.get(f"gemv8_{n}x{k}")
+    i8cfg = {kk: v for kk, v in tuned.get(f"int8_{n}x{k}", {}).items() if kk != "us"}
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         r = {"N": n, "K": k, "M": m}
@@ -192,19 +205,17 @@ def run_shape(n: int, k: int, ms: list[int], tuned: dict) -> list[dict]:
             timed(r, "torch_int4", [lambda p=p: torch._weight_int4pack_mm(x, p[0], 128, p[1]) for p in t4s])
         r["w4_auto_kernel"] = kernels.select(w4s[0], x) or "reference"
         timed(r, "w4_auto", [lambda mm=mm: mm(x) for mm in w4s])
-        for name in ("triton_gemv", "triton_gemm", "triton_dequant"):
-            if name == "triton_gemv" and m > 64 or name == "triton_dequant" and m < 16:
+        for name in ("triton_gemv1", "triton_gemv", "triton_gemm", "triton_dequant"):
+            if name == "triton_gemv" and m > 64 or name == "triton_dequant" and m < 16 or \
+                    name == "triton_gemv1" and m > 1:
                 continue
-            cfg = {}
-            if name == "triton_gemv" and gemv_cfg:
-                cfg = {kk: v for kk, v in gemv_cfg.items() if kk != "us"}
-            if name == "triton_gemm" and tuned.get(f"gemm4_{n}x{k}_{m}"):
-                cfg = {kk: v for kk, v in tuned[f"gemm4_{n}x{k}_{m}"].items() if kk != "us"}
             packs = [kernels.operands(mm, name) for mm in w4s]
-            if name == "triton_gemv":
-                fns = [lambda p=p: triton_wq.gemv(x, p, None, **(cfg or kernels.gemv_config(m, n, k))) for p in packs]
+            if name == "triton_gemv1":
+                fns = [lambda p=p: triton_wq.gemv1(x, p, None, **kernels.gemv1_config(n, k)) for p in packs]
+            elif name == "triton_gemv":
+                fns = [lambda p=p: triton_wq.gemv(x, p, None, **kernels.gemv_config(m, n, k)) for p in packs]
             elif name == "triton_gemm":
-                fns = [lambda p=p: triton_wq.gemm(x, p, None, **(cfg or kernels.gemm_config(m, n, k))) for p in packs]
+                fns = [lambda p=p: triton_wq.gemm(x, p, None, **kernels.gemm_config(m, n, k)) for p in packs]
             else:
                 fns = [lambda p=p: triton_wq.dequant_matmul(x, p, None) for p in packs]
             timed(r, f"w4_{name}", fns)
@@ -212,12 +223,18 @@ def run_shape(n: int, k: int, ms: list[int], tuned: dict) -> list[dict]:
                             and isinstance(v, float)] or [math.nan])
         r["w8_auto_kernel"] = kernels.select(w8s[0], x) or "reference"
         timed(r, "w8_auto", [lambda mm=mm: mm(x) for mm in w8s])
+        if m == 1:
+            packs8 = [kernels.operands(mm, "triton_gemv1") for mm in w8s]
+            cfg8 = tuned.get(f"gemv1w8_{n}x{k}") or kernels.gemv1_config(n, k)
+            cfg8 = {kk: v for kk, v in cfg8.items() if kk != "us"}
+            timed(r, "w8_triton_gemv1", [lambda p=p: triton_wq.gemv1(x, p, None, **cfg8) for p in packs8])
         if m <= 64:
             packs8 = [kernels.operands(mm, "triton_gemv") for mm in w8s]
-            cfg8 = {kk: v for kk, v in gemv8_cfg.items() if kk != "us"} if gemv8_cfg else kernels.gemv_config(m, n, k)
+            cfg8 = tuned.get(f"gemv8_{n}x{k}_{m}") or kernels.gemv_config(m, n, k)
+            cfg8 = {kk: v for kk, v in cfg8.items() if kk != "us"}
             timed(r, "w8_triton_gemv", [lambda p=p: triton_wq.gemv(x, p, None, **cfg8) for p in packs8])
         if m >= 16:
-            timed(r, "w8a8_int8_fused", [lambda p=p: triton_w8a8.int8_fused(x, p[0], p[1]) for p in i8s])
+            timed(r, "w8a8_int8_fused", [lambda p=p: triton_w8a8.int8_fused(x, p[0], p[1], **i8cfg) for p in i8s])
             if m > 16:
                 timed(r, "w8a8_int8_intmm", [lambda p=p: triton_w8a8.int8_intmm(x, p[0], p[1]) for p in i8s])
             timed(r, "w8a8_fp8", [lambda p=p: triton_w8a8.fp8_scaled_mm(x, p[0], p[1]) for p in f8s])
@@ -245,7 +262,7 @@ def table(rows: list[dict], copy_bps: float) -> str:
         r.setdefault("bf16", math.nan)
         r.setdefault("w4_auto", math.nan)
         gbs = r["w4_bytes"] / (r["w4_auto"] * 1e-6) / 1e9
-        w8 = min(r.get("w8_auto", math.inf), r.get("w8_triton_gemv", math.inf))
+        w8 = min(r.get("w8_auto", math.inf), r.get("w8_triton_gemv", math.inf), r.get("w8_triton_gemv1", math.inf))
         if w8 < math.inf:
             r["w8_best"] = w8
         i8 = min(r.get("w8a8_int8_fused", math.inf), r.get("w8a8_int8_intmm", math.inf))
@@ -280,11 +297,23 @@ def main() -> None:
     if a.tune:
         for n, k in shapes:
             _, w4, w8, *_ = make_layers(n, k)
-            tuned[f"gemv4_{n}x{k}"] = tune_gemv(w4, a.tune_budget)
-            tuned[f"gemv8_{n}x{k}"] = tune_gemv(w8, a.tune_budget / 2)
+            if 1 in ms:
+                tuned[f"gemv1w4_{n}x{k}_1"] = tune_gemv1(w4, a.tune_budget)
+                tuned[f"gemv1w8_{n}x{k}"] = tune_gemv1(w8, a.tune_budget / 2)
+            for m in (1, 4):
+                if m in ms:
+                    tuned[f"gemv4_{n}x{k}_{m}"] = tune_gemv(w4, m, a.tune_budget)
+                    tuned[f"gemv8_{n}x{k}_{m}"] = tune_gemv(w8, m, a.tune_budget / 2)
             for m in (16, 64, 256):
                 if m in ms:
                     tuned[f"gemm4_{n}x{k}_{m}"] = tune_gemm(w4, m, a.tune_budget)
+            if 2048 in ms and n * k >= 2**27:
+                tuned[f"int8_{n}x{k}"] = tune_int8(n, k, 2048, a.tune_budget)
+            for key, cfg in tuned.items():       # the module's own dispatch uses the winners too
+                name, shape, *mm = key.split("_")
+                if cfg and name in ("gemv4", "gemm4", "gemv1w4") and shape == f"{n}x{k}":
+                    kern = {"gemv4": "triton_gemv", "gemm4": "triton_gemm", "gemv1w4": "triton_gemv1"}[name]
+                    kernels.TUNED[kern, n, k, int(mm[0])] = {kk: v for kk, v in cfg.items() if kk != "us"}
             print(json.dumps({kk: v for kk, v in tuned.items() if f"{n}x{k}" in kk}), flush=True)
             del w4, w8
             torch.cuda.empty_cache()

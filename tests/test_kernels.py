@@ -66,6 +66,9 @@ def test_layout_decodes_bit_exactly(bits, group, sym, k):
     w = torch.empty(mod.n, k).index_copy_(1, p.perm.long(), (codes - z) * s)
     assert torch.equal(w, dequantize_weight(qw))
     assert p.qw.data_ptr() == mod.qcodes.data_ptr()          # codes are a view, never a copy
+    wpr = k // cpw                                            # x_pi: position i * wpr + j <- code i of word j
+    pos = torch.arange(k)
+    assert torch.equal(p.xidx, p.perm.long()[cpw * (pos % wpr) + pos // wpr])
 
 
 def test_layout_refuses_what_it_cannot_run():
@@ -137,7 +140,7 @@ GPU_SCHEMES = [Scheme(bits=4, group_size=128), Scheme(bits=4, group_size=32, sym
 
 
 @gpu
-@pytest.mark.parametrize("name", ["triton_gemv", "triton_gemm", "triton_dequant"])
+@pytest.mark.parametrize("name", ["triton_gemv1", "triton_gemv", "triton_gemm", "triton_dequant"])
 @pytest.mark.parametrize("scheme", GPU_SCHEMES, ids=lambda s: s.label())
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("k", KS)
@@ -148,7 +151,7 @@ def test_triton_weight_only_kernels_match_reference(name, scheme, act_order, k, 
     qw = dataclasses.replace(qw, codes=qw.codes.cuda(), scale=qw.scale.cuda(),
                              zero=None if qw.zero is None else qw.zero.cuda(),
                              perm=None if qw.perm is None else qw.perm.cuda())
-    for m in MS:
+    for m in (1,) if name == "triton_gemv1" else MS:
         x = torch.randn(m, k, device="cuda").to(dtype)
         y = kernels.run(mod, x, name)
         ref = reference.weight_only_linear(x, qw, mod.bias)
@@ -162,8 +165,18 @@ def test_triton_weight_only_kernels_match_reference(name, scheme, act_order, k, 
 def test_quantlinear_on_cuda_dispatches_by_m():
     mod, qw = make_layer(4096, Scheme(bits=4, group_size=128), act_order=False)
     mod = mod.cuda()
-    picks = {m: kernels.select(mod, torch.randn(m, 4096, device="cuda", dtype=torch.float16)) for m in (1, 64, 4096)}
-    assert picks == {1: "triton_gemv", 64: "triton_gemm", 4096: "triton_dequant"}
+    picks = {m: kernels.select(mod, torch.randn(m, 4096, device="cuda", dtype=torch.float16)) for m in (1, 8, 64)}
+    assert picks == {1: "triton_gemv1", 8: "triton_gemm", 64: "triton_dequant"}
+
+
+def test_weight_only_choice_follows_the_measured_crossovers():
+    assert kernels.weight_only_choice(1, 28672, 8192) == "triton_gemv1"
+    assert kernels.weight_only_choice(4, 4096, 14336) == "triton_gemv"
+    assert kernels.weight_only_choice(4, 28672, 8192) == "triton_gemm"
+    assert kernels.weight_only_choice(16, 4096, 4096) == "triton_dequant"
+    assert kernels.weight_only_choice(16, 8192, 28672) == "triton_gemm"
+    assert kernels.weight_only_choice(2048, 8192, 28672) == "triton_dequant"
+    assert kernels.gemv_config(1, 8192, 28672)["split_k"] == 4 and kernels.gemv_config(1, 28672, 8192)["split_k"] == 1
 
 
 @gpu

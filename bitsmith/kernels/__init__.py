@@ -6,11 +6,12 @@ for that input, `available()` what this machine can run at all (`bitsmith env` s
 
 Policy (`BITSMITH_KERNELS`, read per call, or `set_policy`): "auto" (default), "reference" (never use a
 kernel), or one kernel name to force where it applies. "auto" on CUDA picks by M = rows of x:
-  M <= GEMV_MAX_M  triton_gemv       CUDA-core fused dequant GEMV (memory bound: reads 4/8-bit weights once)
-  M <= GEMM_MAX_M  triton_gemm       tensor-core fused dequant GEMM
-  larger           triton_dequant    Triton dequantize to a dense weight, then cuBLAS (compute bound)
+  triton_gemv1    CUDA-core fused dequant GEMV with plain 2-D tiles: M = 1
+  triton_gemv     CUDA-core fused dequant GEMV for several rows of x: M <= 4 when N < 8192
+  triton_gemm     tensor-core fused dequant GEMM: the other M < 64, except small layers at M >= 16
+  triton_dequant  Triton dequantize to a dense weight, then cuBLAS: M >= 64 and small layers at M >= 16
 and on the CPU the torch int8/int4 weight-only kernels (cpu.py), many times faster than the reference path.
-The thresholds come from benchmarks/kernels.py on an H100 (README, kernels section).
+The rules and launch defaults are the winners of benchmarks/kernels.py --tune on an H100 (README).
 
 Kernel operands (re-laid-out scales, CPU packed weights) are built on first use and cached on the module as
 non-persistent buffers, so checkpoints keep bitsmith's own format; they are rebuilt if the codes change.
@@ -28,8 +29,6 @@ import torch
 from . import cpu as _cpu
 from . import layout
 
-GEMV_MAX_M = 4
-GEMM_MAX_M = 128
 POLICIES = ("auto", "reference")
 _policy: str | None = None
 
@@ -42,6 +41,7 @@ class Kernel:
 
 
 KERNELS = {k.name: k for k in (
+    Kernel("triton_gemv1", "cuda", "W4/W8 A16 fused dequant GEMV, fp16/bf16, M = 1 (2-D tiles)"),
     Kernel("triton_gemv", "cuda", "W4/W8 A16 fused dequant GEMV, fp16/bf16, small M"),
     Kernel("triton_gemm", "cuda", "W4/W8 A16 fused dequant tensor-core GEMM, mid M"),
     Kernel("triton_dequant", "cuda", "Triton dequantize + cuBLAS, large M"),
@@ -51,7 +51,7 @@ KERNELS = {k.name: k for k in (
     Kernel("w8a8_intmm", "cuda", "W8A8 int8 via torch._int_mm + Triton epilogue"),
     Kernel("w8a8_fp8", "cuda", "W8A8 FP8 e4m3 via torch._scaled_mm (Hopper+)"),
 )}
-WEIGHT_ONLY_GPU = ("triton_gemv", "triton_gemm", "triton_dequant")
+WEIGHT_ONLY_GPU = ("triton_gemv1", "triton_gemv", "triton_gemm", "triton_dequant")
 
 
 def set_policy(policy: str | None) -> None:
@@ -129,14 +129,26 @@ def _auto(module, x: torch.Tensor) -> str | None:
     if dev == "cuda":
         if x.dtype not in (torch.float16, torch.bfloat16) or _triton_reason() is not None:
             return None
-        m = x.numel() // module.k
-        name = "triton_gemv" if m <= GEMV_MAX_M else "triton_gemm" if m <= GEMM_MAX_M else "triton_dequant"
+        name = weight_only_choice(x.numel() // module.k, module.n, module.k)
         return name if _layer_reason(module, name) is None else None
     if dev == "cpu":
         for name in ("cpu_int4", "cpu_int8"):
             if _cpu.missing_ops()[name] is None and _layer_reason(module, name) is None:
                 return name
     return None
+
+
+def weight_only_choice(m: int, n: int, k: int) -> str:
+    """GPU weight-only kernel for an (M, K) x (N, K) product. From the H100 table (README): the GEMV wins at
+    M = 1 and, for N < 8192, up to M = 4; the GEMM from M = 2..4 on wide layers up to M < 64; a dense
+    dequantize + cuBLAS beats both on small layers (N * K <= 16M) from M = 16 and everywhere from M = 64."""
+    if m == 1:
+        return "triton_gemv1"
+    if m <= 4 and n < 8192:
+        return "triton_gemv"
+    if m < 64 and not (m >= 16 and n * k <= 2**24):
+        return "triton_gemm"
+    return "triton_dequant"
 
 
 def select(module, x: torch.Tensor) -> str | None:
@@ -149,6 +161,8 @@ def select(module, x: torch.Tensor) -> str | None:
     k = KERNELS.get(pol)
     if k is None or k.device != x.device.type or _layer_reason(module, pol) is not None:
         return None
+    if pol == "triton_gemv1" and x.numel() != module.k:
+        return None                               # the 2-D GEMV takes one row of x
     if k.device == "cuda" and (x.dtype not in (torch.float16, torch.bfloat16) or _triton_reason()):
         return None
     return pol
@@ -180,7 +194,7 @@ def operands(module, name: str):
     if family == "gpu":
         pack = layout.build(module.qcodes, module.scale, _unpacked_zero(module), perm, module.scheme, module.n,
                             module.k)
-        tensors = {"scale": pack.scale, "zero": pack.zero, "perm": pack.perm}
+        tensors = {"scale": pack.scale, "zero": pack.zero, "xidx": pack.xidx}
     else:
         qw = module.qweight()
         pack = _cpu.build(qw.codes, qw.scale, qw.zero, perm, module.scheme, module.k)
@@ -203,7 +217,9 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
         from . import triton_wq
         bias = None if bias is None else bias.to(x.dtype)
         m = x2.shape[0]
-        if name == "triton_gemv":
+        if name == "triton_gemv1" and m == 1:
+            y = triton_wq.gemv1(x2, pack, bias, **gemv1_config(module.n, module.k))
+        elif name in ("triton_gemv", "triton_gemv1"):
             y = triton_wq.gemv(x2, pack, bias, **gemv_config(m, module.n, module.k))
         elif name == "triton_gemm":
             y = triton_wq.gemm(x2, pack, bias, **gemm_config(m, module.n, module.k))
@@ -214,15 +230,42 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
     return y.view(*x.shape[:-1], module.n)
 
 
+TUNED: dict[tuple[str, int, int, int], dict] = {}   # (kernel, N, K, M bucket) -> launch config (benchmarks)
+
+
+def m_bucket(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())
+
+
 def gemv_config(m: int, n: int, k: int) -> dict:
-    """Launch shape of the GEMV: enough programs to fill 132 SMs several times over."""
+    """GEMV launch. Tuned on an H100 (benchmarks/kernels.py --tune): 16 channels per program, 4 warps; split K
+    until there are ~2048 programs unless N alone gives >= 768; 8 groups per K step on long rows."""
+    if ("triton_gemv", n, k, m_bucket(m)) in TUNED:
+        return TUNED["triton_gemv", n, k, m_bucket(m)]
     block_n = 16
     progs = -(-n // block_n)
     split = 1
-    while progs * split < 528 and k // (split * 2) >= 1024:
+    if progs < 768:
+        while progs * split < 2048 and k // (2 * split) >= 512:
+            split *= 2
+    groups_per_split = k // 128 // split
+    return {"block_n": block_n, "block_g": 8 if groups_per_split >= 48 else 4, "split_k": split, "num_warps": 4}
+
+
+def gemv1_config(n: int, k: int) -> dict:
+    """2-D GEMV launch: 64 channels x one group per step; split K until ~2048 programs (>= 2 groups each)."""
+    if ("triton_gemv1", n, k, 1) in TUNED:
+        return TUNED["triton_gemv1", n, k, 1]
+    progs, groups, split = -(-n // 64), k // 128, 1
+    while progs * split < 2048 and groups // (2 * split) >= 2:
         split *= 2
-    return {"block_n": block_n, "block_g": 2, "split_k": split, "num_warps": 4}
+    return {"block_n": 64, "split_k": split, "num_warps": 4}
 
 
 def gemm_config(m: int, n: int, k: int) -> dict:
-    return {"block_n": 64 if m <= 32 else 128, "num_warps": 4, "num_stages": 3}
+    """GEMM launch, the H100 sweep's most frequent winners per M range."""
+    if ("triton_gemm", n, k, m_bucket(m)) in TUNED:
+        return TUNED["triton_gemm", n, k, m_bucket(m)]
+    if m <= 16:
+        return {"block_m": 16, "block_n": 64, "num_warps": 4, "num_stages": 4, "block_w": 32}
+    return {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 2, "block_w": 32}

@@ -9,6 +9,7 @@ and zero points are rearranged:
   scale  (G', N)                 transposed so a tile of output channels reads contiguous scales
   zero   (G', N) float16         integer or fractional zero points (exact for integers); None if symmetric
   perm   (K,) int32              act-order: stored column j is original column perm[j]
+  xidx   (K,) int64              the kernels gather x once into this column order (triton_wq.permute_x)
 
 G' = K / g' groups of g' = the largest power of two (<= 128) dividing both K and the group size, so a
 ragged last group (K = 576, g = 128) or a per-channel scale becomes whole power-of-two groups by repeating
@@ -35,6 +36,7 @@ class WQPack:
     scale: torch.Tensor              # (G', N) float16 / bfloat16 / float32
     zero: torch.Tensor | None        # (G', N) float16, None = symmetric (implicit 2^(bits-1))
     perm: torch.Tensor | None        # (K,) int32
+    xidx: torch.Tensor               # (K,) int64: x_pi = x[:, xidx], the kernels' column order
     bits: int
     group: int                       # g', a power of two dividing K
     n: int
@@ -74,6 +76,11 @@ def build(qcodes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
         return t.repeat_interleave(rep, dim=1)[:, :n_kgroups].t().contiguous()
 
     qw = qcodes.contiguous().view(torch.int32).view(n, k * scheme.bits // 32)
+    cpw = 32 // scheme.bits
+    # position i * (K / cpw) + j of x_pi <- stored column cpw * j + i <- original column perm[cpw * j + i]
+    xidx = torch.arange(k, device=qcodes.device).view(k // cpw, cpw).t().reshape(-1)
+    if perm is not None:
+        xidx = perm.to(device=qcodes.device, dtype=torch.long)[xidx]
     return WQPack(qw=qw, scale=expand(scale), zero=None if zero is None else expand(zero.to(torch.float16)),
-                  perm=None if perm is None else perm.to(torch.int32).contiguous(), bits=scheme.bits, group=gk,
-                  n=n, k=k)
+                  perm=None if perm is None else perm.to(torch.int32).contiguous(), xidx=xidx.contiguous(),
+                  bits=scheme.bits, group=gk, n=n, k=k)

@@ -90,8 +90,9 @@ def _scale_epilogue_kernel(ACC, SA, SB, BIAS, Y, M, N, HAS_BIAS: tl.constexpr, B
 
 
 def int8_fused(x2: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
-               block_m: int = 128, block_n: int = 128, block_k: int = 128, group_m: int = 8, num_warps: int = 8,
-               num_stages: int = 4) -> torch.Tensor:
+               block_m: int = 256, block_n: int = 128, block_k: int = 128, group_m: int = 8, num_warps: int = 8,
+               num_stages: int = 3) -> torch.Tensor:
+    """Defaults: the H100 sweep's winner at M = 2048 on 28672x8192 and 8192x28672."""
     m, k = x2.shape
     n = w8.shape[0]
     xq, sx = quantize_rows(x2)

@@ -1,6 +1,7 @@
 """Fused dequantize-matmul Triton kernels for weight-only integer quantization (W4A16, W8A16).
 
-Three kernels over the layout of layout.py (codes as int32 words, 32/bits codes per word, low bits first):
+Four kernels over the layout of layout.py (codes as int32 words, 32/bits codes per word, low bits first):
+  gemv1    M = 1: CUDA cores, plain 2-D (rows x one group of words) tiles, x as broadcast vectors.
   gemv     small M: CUDA cores. Each program owns BLOCK_N output channels and walks K in tiles of whole
            groups (optionally split over SPLIT_K programs, summed with fp32 atomics). Per group it sums
            q * x in fp32 and applies scale and zero once: y += s * (sum q x - z * sum x).
@@ -12,7 +13,8 @@ Three kernels over the layout of layout.py (codes as int32 words, 32/bits codes 
 Integer -> float without the slow I2F instruction: a code masked in place at bit offset sh (< 23) OR-ed
 into the exponent of 2^23 is the float 2^23 + q * 2^sh exactly; subtracting 2^23 gives q * 2^sh, and the
 2^-sh is folded into x (gemv) or the scale (gemm). Codes above bit 23 are shifted down once per word.
-Act-order: x is read through the stored permutation; the weights stay in their stored order.
+Column order: the launcher gathers x once into "x_pi" order (code i of word j of every row <-> x position
+i * K/CPW + j, composed with the act-order permutation), so x loads are contiguous; weights never move.
 """
 
 from __future__ import annotations
@@ -47,9 +49,8 @@ def _code_inv_scale(i: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr):
 
 
 @triton.jit
-def _wq_gemv_kernel(X, QW, S, Z, P, B, Y, M, N, K, stride_xm, stride_ym,
-                    BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _wq_gemv_kernel(X, QW, S, Z, B, Y, M, N, K, stride_xm, stride_ym,
+                    BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr):
     CPW: tl.constexpr = 32 // BITS                 # codes per word
     WPG: tl.constexpr = GS // CPW                  # words per group
@@ -76,10 +77,7 @@ def _wq_gemv_kernel(X, QW, S, Z, P, B, Y, M, N, K, stride_xm, stride_ym,
         part = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_G, WPG), dtype=tl.float32)
         xsum = tl.zeros((BLOCK_M, BLOCK_G, WPG), dtype=tl.float32)
         for i in tl.static_range(CPW):
-            col = word * CPW + i                                              # (BG, WPG) stored column
-            if HAS_PERM:
-                col = tl.load(P + col, mask=gmask[:, None], other=0)
-            xi = tl.load(X + rm[:, None, None] * stride_xm + col[None, :, :],
+            xi = tl.load(X + rm[:, None, None] * stride_xm + i * wpr + word[None, :, :],     # contiguous
                          mask=mmask[:, None, None] & gmask[None, :, None], other=0.0).to(tl.float32)
             xsum += xi
             q = _code(w, ws, i, BITS, HI)                                     # (BN, BG, WPG) q * 2^sh
@@ -106,9 +104,52 @@ def _wq_gemv_kernel(X, QW, S, Z, P, B, Y, M, N, K, stride_xm, stride_ym,
 
 
 @triton.jit
-def _wq_gemm_kernel(X, QW, S, Z, P, B, Y, M, N, K, stride_xm, stride_ym,
-                    BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _wq_gemv1_kernel(X, QW, S, Z, B, Y, N, K, BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """M = 1, plain 2-D tiles: one group (WPG words) of BLOCK_N rows per step, x as 1-D vectors broadcast
+    over rows, so no layout conversions; per group y += s * (sum q x) - s z (sum x)."""
+    CPW: tl.constexpr = 32 // BITS
+    WPG: tl.constexpr = GS // CPW
+    HI: tl.constexpr = 12 if BITS == 4 else 16
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    wpr = K // CPW
+    n_groups = K // GS
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = tl.arange(0, WPG)
+    nmask = rn < N
+    acc = tl.zeros((BLOCK_N, WPG), dtype=tl.float32)
+    for g0 in range(0, n_groups, SPLIT_K):
+        g = g0 + pid_k
+        word = g * WPG + rw                                                   # (WPG,)
+        ok = g < n_groups
+        w = tl.load(QW + rn[:, None] * wpr + word[None, :], mask=nmask[:, None] & ok, other=0)   # (BN, WPG)
+        ws = w >> HI
+        part = tl.zeros((BLOCK_N, WPG), dtype=tl.float32)
+        xsum = tl.zeros((WPG,), dtype=tl.float32)
+        for i in tl.static_range(CPW):
+            xi = tl.load(X + i * wpr + word, mask=ok, other=0.0).to(tl.float32)   # (WPG,) contiguous
+            xsum += xi
+            part += _code(w, ws, i, BITS, HI) * (xi * _code_inv_scale(i, BITS, HI))[None, :]
+        s = tl.load(S + g * N + rn, mask=nmask & ok, other=0.0).to(tl.float32)   # (BN,)
+        if HAS_ZERO:
+            z = tl.load(Z + g * N + rn, mask=nmask & ok, other=0.0).to(tl.float32)
+        else:
+            z = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)
+        acc += s[:, None] * part - (s * z)[:, None] * xsum[None, :]
+    y = tl.sum(acc, axis=1)                                                   # (BN,)
+    if HAS_BIAS:
+        if pid_k == 0:
+            y += tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)
+    if SPLIT_K == 1:
+        tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=nmask)
+    else:
+        tl.atomic_add(Y + rn, y, mask=nmask)
+
+
+@triton.jit
+def _wq_gemm_kernel(X, QW, S, Z, B, Y, M, N, K, stride_xm, stride_ym,
+                    BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_W: tl.constexpr, GROUP_M: tl.constexpr):
     CPW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GS // CPW
@@ -152,11 +193,8 @@ def _wq_gemm_kernel(X, QW, S, Z, P, B, Y, M, N, K, stride_xm, stride_ym,
                 z = tl.full((BLOCK_N, BLOCK_W), 1 << (BITS - 1), tl.float32)
         zs = z * s
         for i in tl.static_range(CPW):
-            col = word * CPW + i
-            if HAS_PERM:
-                col = tl.load(P + col, mask=wmask, other=0)
-            xi = tl.load(X + rm[:, None] * stride_xm + col[None, :], mask=mmask[:, None] & wmask[None, :],
-                         other=0.0)                                           # (BM, BW)
+            xi = tl.load(X + rm[:, None] * stride_xm + i * wpr + word[None, :],
+                         mask=mmask[:, None] & wmask[None, :], other=0.0)     # (BM, BW), contiguous
             q = _code(w, ws, i, BITS, HI)                                     # (BN, BW)
             wi = (q * (s * _code_inv_scale(i, BITS, HI)) - zs).to(xi.dtype)
             acc = tl.dot(xi, tl.trans(wi), acc)
@@ -169,7 +207,7 @@ def _wq_gemm_kernel(X, QW, S, Z, P, B, Y, M, N, K, stride_xm, stride_ym,
 @triton.jit
 def _wq_dequant_kernel(QW, S, Z, W, N, K, BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-    """W (N, K) in stored column order (act-order callers permute x instead)."""
+    """W (N, K) in the x_pi column order (see `permute_x`), so its stores are contiguous."""
     CPW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GS // CPW
     HI: tl.constexpr = 12 if BITS == 4 else 16
@@ -188,22 +226,27 @@ def _wq_dequant_kernel(QW, S, Z, W, N, K, BITS: tl.constexpr, GS: tl.constexpr, 
     for i in tl.static_range(CPW):
         q = _code(w, ws, i, BITS, HI)
         wi = q * (s * _code_inv_scale(i, BITS, HI)) - z * s
-        tl.store(W + rn[:, None] * K + word[None, :] * CPW + i, wi.to(W.dtype.element_ty), mask=msk)
+        tl.store(W + rn[:, None] * K + i * wpr + word[None, :], wi.to(W.dtype.element_ty), mask=msk)
 
 
 # ---- launchers ---------------------------------------------------------------------------------------
-def _common(p: WQPack, x2: torch.Tensor, bias: torch.Tensor | None):
-    zero = p.zero if p.zero is not None else p.scale            # dummy pointer when symmetric
-    perm = p.perm if p.perm is not None else p.qw
-    b = bias if bias is not None else p.scale
-    return zero, perm, b
+def permute_x(x2: torch.Tensor, p: WQPack) -> torch.Tensor:
+    """x in the kernels' column order: position i * K/CPW + j holds the column of code i of word j (after
+    act-order). Code i of consecutive words then meets consecutive x, so every load of x is contiguous."""
+    return x2.index_select(1, p.xidx)
+
+
+def _operands(p: WQPack, bias: torch.Tensor | None):
+    zero = p.zero if p.zero is not None else p.scale            # dummy pointers when absent
+    return zero, bias if bias is not None else p.scale
 
 
 def gemv(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block_n: int = 16,
          block_g: int = 2, split_k: int = 1, num_warps: int = 4) -> torch.Tensor:
     """(M, K) x (N, K)-quantized -> (M, N); the weights are read once per 8 rows of x, so small M."""
     m = x2.shape[0]
-    zero, perm, b = _common(p, x2, bias)
+    xp = permute_x(x2, p)
+    zero, b = _operands(p, bias)
     block_m = min(8, triton.next_power_of_2(m))                # rows of x per program (grid axis 2)
     block_g = min(block_g, triton.next_power_of_2(p.k // p.group))
     if split_k > 1:
@@ -211,10 +254,23 @@ def gemv(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block
     else:
         y = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
     grid = (triton.cdiv(p.n, block_n), split_k, triton.cdiv(m, block_m))
-    _wq_gemv_kernel[grid](x2, p.qw, p.scale, zero, perm, b, y, m, p.n, p.k, x2.stride(0), y.stride(0),
-                          BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None, HAS_PERM=p.perm is not None,
-                          HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_G=block_g,
-                          SPLIT_K=split_k, num_warps=num_warps)
+    _wq_gemv_kernel[grid](xp, p.qw, p.scale, zero, b, y, m, p.n, p.k, xp.stride(0), y.stride(0),
+                          BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None, HAS_BIAS=bias is not None,
+                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_G=block_g, SPLIT_K=split_k, num_warps=num_warps)
+    return y if split_k == 1 else y.to(x2.dtype)
+
+
+def gemv1(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block_n: int = 64,
+          split_k: int = 1, num_warps: int = 4) -> torch.Tensor:
+    """M = 1 only: the 2-D GEMV."""
+    xp = permute_x(x2, p)
+    zero, b = _operands(p, bias)
+    y = torch.zeros(1, p.n, device=x2.device, dtype=torch.float32) if split_k > 1 else \
+        torch.empty(1, p.n, device=x2.device, dtype=x2.dtype)
+    grid = (triton.cdiv(p.n, block_n), split_k)
+    _wq_gemv1_kernel[grid](xp, p.qw, p.scale, zero, b, y, p.n, p.k, BITS=p.bits, GS=p.group,
+                           HAS_ZERO=p.zero is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+                           SPLIT_K=split_k, num_warps=num_warps)
     return y if split_k == 1 else y.to(x2.dtype)
 
 
@@ -222,32 +278,37 @@ def gemm(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block
          block_n: int = 128, block_w: int | None = None, group_m: int = 8, num_warps: int = 4,
          num_stages: int = 3) -> torch.Tensor:
     m = x2.shape[0]
-    zero, perm, b = _common(p, x2, bias)
+    xp = permute_x(x2, p)
+    zero, b = _operands(p, bias)
     if block_m is None:
-        block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     if block_w is None:
         block_w = 16 if p.bits == 4 else 32
     y = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(p.n, block_n),)
-    _wq_gemm_kernel[grid](x2, p.qw, p.scale, zero, perm, b, y, m, p.n, p.k, x2.stride(0), y.stride(0),
-                          BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None, HAS_PERM=p.perm is not None,
-                          HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w,
-                          GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages)
+    _wq_gemm_kernel[grid](xp, p.qw, p.scale, zero, b, y, m, p.n, p.k, xp.stride(0), y.stride(0),
+                          BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None, HAS_BIAS=bias is not None,
+                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w, GROUP_M=group_m,
+                          num_warps=num_warps, num_stages=num_stages)
     return y
 
 
-def dequantize(p: WQPack, dtype: torch.dtype) -> torch.Tensor:
-    """Dense (N, K) weight in the original column order."""
+def dequantize_permuted(p: WQPack, dtype: torch.dtype) -> torch.Tensor:
+    """Dense (N, K) weight with columns in x_pi order."""
     w = torch.empty(p.n, p.k, device=p.qw.device, dtype=dtype)
-    block_n, block_w = 32, 32
+    block_n, block_w = 16, 64
     grid = (triton.cdiv(p.n, block_n), triton.cdiv(p.k * p.bits // 32, block_w))
     _wq_dequant_kernel[grid](p.qw, p.scale, p.zero if p.zero is not None else p.scale, w, p.n, p.k, BITS=p.bits,
                              GS=p.group, HAS_ZERO=p.zero is not None, BLOCK_N=block_n, BLOCK_W=block_w)
-    if p.perm is not None:
-        w = torch.empty_like(w).index_copy_(1, p.perm.long(), w)
     return w
 
 
+def dequantize(p: WQPack, dtype: torch.dtype) -> torch.Tensor:
+    """Dense (N, K) weight in the original column order (for inspection; the matmul stays in x_pi order)."""
+    wp = dequantize_permuted(p, dtype)
+    return torch.empty_like(wp).index_copy_(1, p.xidx, wp)
+
+
 def dequant_matmul(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Large M: dense weight once, then cuBLAS."""
-    return torch.nn.functional.linear(x2, dequantize(p, x2.dtype), bias)
+    """Large M: one dense weight in x_pi order, then cuBLAS on the permuted x (same sum, reordered)."""
+    return torch.nn.functional.linear(permute_x(x2, p), dequantize_permuted(p, x2.dtype), bias)

@@ -65,6 +65,17 @@ def build(shape: str, dtype: torch.dtype, init_device: torch.device):
     return model.eval(), config
 
 
+class _PeakGpu(logging.Filter):
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        record.msg = f"{record.msg} (peak GPU memory so far {peak:.2f} GiB)"
+        return True
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama8b")
@@ -89,6 +100,8 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":        # each "block i/n done" line also says the peak so far: a cut run still tells
+        logging.getLogger("bitsmith.calibrate").addFilter(_PeakGpu(device))
     samples, seq_len, group = DEFAULTS[shape]
     samples, seq_len = a.samples or samples, a.seq_len or seq_len
     t0 = time.perf_counter()

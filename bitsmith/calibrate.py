@@ -19,7 +19,8 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -80,7 +81,7 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, *, progress: bool = Fa
     found = find_decoder_blocks(model)
     report: list[dict] = []
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), reference_kernels():
         if found is not None:
             prefix, blocks = found
             inside = {n: m for n, m in chosen.items() if n.startswith(prefix + ".")}
@@ -93,6 +94,21 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, *, progress: bool = Fa
     log.info("%s %s: %d layers in %.1f s", recipe.method, recipe.scheme.label(), len(report),
              time.perf_counter() - t0)
     return report
+
+
+@contextmanager
+def reference_kernels() -> Iterator[None]:
+    """Run already-quantized layers through the reference forward (dequantize + F.linear) while calibrating:
+    the next layers' statistics then see exactly what the saved model computes, on any device, and no
+    inference kernel (built for decode-sized inputs) runs on 128 x 512-token batches."""
+    from . import kernels
+
+    saved = kernels._policy            # the explicit policy, None when it follows $BITSMITH_KERNELS
+    kernels.set_policy("reference")
+    try:
+        yield
+    finally:
+        kernels.set_policy(saved)
 
 
 def calibration_ids(tokenizer: Any, calib_text: str | None, n_samples: int, seq_len: int,
@@ -136,7 +152,8 @@ class _Run:
                 w = weight_2d(mods[n])
                 qw = self.method.quantize(w, stats[n], self.scheme, name=f"{full}.weight", info=notes[n],
                                           **_args_for(self.method.quantize, self.args))
-                set_submodule(block, n, make_quant_module(mods[n], qw, self.name))
+                # modules are built on the CPU: move the packed one to where its block runs
+                set_submodule(block, n, make_quant_module(mods[n], qw, self.name).to(w.device))
                 err = _out_rel_err(w, dequantize_weight(qw).to(w.device), stats[n])
                 report.append(layer_report(full, w, qw, self.name, time.perf_counter() - t0,
                                            out_rel_err_before=rtn_err[n], out_rel_err=err, **notes[n]))

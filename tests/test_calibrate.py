@@ -269,23 +269,25 @@ def real_layer(lm, layer: str, block: int = 3) -> tuple[torch.Tensor, torch.Tens
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_smollm2_whole_model_on_a_small_calibration_slice(smollm2, method):
+def test_smollm2_first_blocks_on_a_small_calibration_slice(smollm2, method):
     from bitsmith.models import calibration_samples, load_text
 
     cal, held = load_text(None)
-    calib = calibration_samples(smollm2.tokenizer, cal, 4, 128)
+    # 4096 tokens: with 512 GPTQ fitted rank-deficient Hessians (K = 576 and 1536) and lost to RTN
+    calib = calibration_samples(smollm2.tokenizer, cal, 16, 256)
     test_ids = calibration_samples(smollm2.tokenizer, held, 2, 128, seed=3)
     scheme = Scheme(bits=3, group_size=64)
+    targets = tuple(f"model.layers.{i}.*" for i in range(8))      # 8 of 30 blocks: the walk stops after them
     with torch.no_grad():
         want = smollm2.model(test_ids).logits
         rtn = copy.deepcopy(smollm2.model)
-        bitsmith.quantize(rtn, Recipe(scheme=scheme))
+        bitsmith.quantize(rtn, Recipe(scheme=scheme, targets=targets))
         rtn_err = rel(rtn(test_ids).logits, want)
         del rtn
         m = copy.deepcopy(smollm2.model)
-        report = bitsmith.quantize(m, Recipe(method=method, scheme=scheme), calib_ids=calib)
+        report = bitsmith.quantize(m, Recipe(method=method, scheme=scheme, targets=targets), calib_ids=calib)
         err = rel(m(test_ids).logits, want)
-    assert len(report) == 30 * 7
+    assert len(report) == 8 * 7
     assert sum(r["out_rel_err"] < r["out_rel_err_before"] for r in report) >= 0.95 * len(report)
     if method == "awq":
         folds = {r["name"].split(".")[-1]: r["awq_fold"] for r in report if r["name"].startswith("model.layers.5.")}

@@ -39,7 +39,8 @@ ROWS: dict[str, tuple] = {      # label: (method, scheme[, method_args])
     "llm_int8": ("llm_int8", INT8),                                  # threshold 6.0, the paper's default
     "llm_int8-t3": ("llm_int8", INT8, {"threshold": 3.0}),
     "rtn-w8pc": ("rtn", Scheme(bits=8, group_size=None)),
-    "nf4-g64-dq": ("nf4", G64[4]),
+    "nf4-g64-dq": ("nf4", G64[4]),                                   # absmax scales, as bitsandbytes
+    "nf4-g64-dq-search": ("nf4", G64[4], {"scale_search": True}),
     "rtn-w4g64": ("rtn", G64[4]),
     "gptq-w3g64": ("gptq", G64[3]),
     "quip-w3g64": ("quip", G64[3]),

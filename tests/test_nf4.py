@@ -25,17 +25,20 @@ def sqnr_of(w: torch.Tensor, qw) -> float:
 
 
 def test_sqnr_on_gaussian_above_rtn_g64():
+    """With the per-block scale search NF4 beats asymmetric RTN g64; the default absmax NF4 (bitsandbytes'
+    scales) beats the like-for-like symmetric RTN and misses the asymmetric one by ~0.1 dB (20.73 vs 20.81)."""
     w = gaussian()
-    ours = sqnr_of(w, nf4.quantize(w, None, G64))                                   # DQ + scale search
+    searched = sqnr_of(w, nf4.quantize(w, None, G64, scale_search=True))           # DQ + scale search
     rtn_asym = sqnr_of(w, rtn.quantize(w, None, G64))
-    print(f"nf4 {ours:.2f} dB, rtn asym g64 {rtn_asym:.2f} dB")
-    assert ours > rtn_asym + 0.3
-    # Plain absmax NF4 (bitsandbytes' scales) beats the like-for-like RTN: symmetric, no zero point.
-    plain = sqnr_of(w, nf4.quantize(w, None, G64, scale_search=False))
+    plain = sqnr_of(w, nf4.quantize(w, None, G64))
     rtn_sym = sqnr_of(w, rtn.quantize(w, None, Scheme(bits=4, group_size=64, symmetric=True)))
+    print(f"nf4 searched {searched:.2f} dB, nf4 absmax {plain:.2f} dB, rtn g64 asym {rtn_asym:.2f} dB, "
+          f"sym {rtn_sym:.2f} dB")
+    assert searched > rtn_asym + 0.3
     assert plain > rtn_sym + 1.0
+    assert plain > rtn_asym - 0.2
     # Double quantization of the scales costs almost nothing.
-    assert ours > sqnr_of(w, nf4.quantize(w, None, G64, double_quant=False)) - 0.05
+    assert plain > sqnr_of(w, nf4.quantize(w, None, G64, double_quant=False)) - 0.05
 
 
 def test_fp4_grid_and_ragged_groups():

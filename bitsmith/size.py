@@ -50,7 +50,10 @@ def layer_rows(model: nn.Module) -> list[dict]:
     rows = []
     for name, m in model.named_modules():
         if isinstance(m, _Packed):
-            nbytes = sum(tensor_bytes(t) for t in m.buffers(recurse=False))
+            # Stored bytes only: a kernel's non-persistent cache (a repacked layout made at the first forward)
+            # is never saved and must not inflate bits per weight; memory_bytes still counts it.
+            skip = getattr(m, "_non_persistent_buffers_set", set())
+            nbytes = sum(tensor_bytes(t) for k, t in m.named_buffers(recurse=False) if k not in skip)
             rows.append({"name": name, "method": m.method, "scheme": m.scheme.label(), "bits": m.scheme.bits,
                          "group_size": m.scheme.group_size, "weights": m.n * m.k, "bytes": nbytes,
                          "bpw": 8 * nbytes / (m.n * m.k)})

@@ -172,3 +172,13 @@ def test_recipe_yaml_round_trip_and_unknown_keys(tmp_path):
         Recipe.from_yaml(p)
     p.write_text("scheme: {bits: 4, group_size: -1}\n")
     assert Recipe.from_yaml(p).scheme.group_size is None
+
+
+def test_bits_per_weight_ignores_non_persistent_kernel_caches():
+    """A kernel may cache a repacked layout on the module; it is not stored, so bits per weight must not move."""
+    model = nn.Sequential(nn.Linear(64, 32))
+    bitsmith.quantize(model, Recipe(scheme=Scheme(bits=4, group_size=32)))
+    before = size_report(model)["quantized_bpw"]
+    model[0].register_buffer("_cache_demo", torch.zeros(32, 64), persistent=False)
+    after = size_report(model)
+    assert after["quantized_bpw"] == before and after["memory_bytes"] > 0

@@ -158,7 +158,7 @@ def tune_gemv(mod: QuantLinear, m: int, budget_s: float) -> dict:
 def tune_gemv1(mod: QuantLinear, budget_s: float) -> dict:
     x = torch.randn(1, mod.k, device="cuda", dtype=torch.bfloat16)
     packs = rotated_packs(mod)
-    split = kernels.gemv1_config(mod.n, mod.k)["split_k"]
+    split = kernels.gemv1_config(mod.n, mod.k, mod.scheme.bits)["split_k"]
     configs = [{"block_n": bn, "split_k": max(1, int(split * f)), "num_warps": nw}
                for f, bn, nw in itertools.product((1, 0.5, 2), (64, 32, 128), (4, 8))]
     return sweep(lambda cfg: [lambda q=q: triton_wq.gemv1(x, q, None, **cfg) for q in packs], configs, budget_s)
@@ -211,7 +211,7 @@ def run_shape(n: int, k: int, ms: list[int], tuned: dict) -> list[dict]:
                 continue
             packs = [kernels.operands(mm, name) for mm in w4s]
             if name == "triton_gemv1":
-                fns = [lambda p=p: triton_wq.gemv1(x, p, None, **kernels.gemv1_config(n, k)) for p in packs]
+                fns = [lambda p=p: triton_wq.gemv1(x, p, None, **kernels.gemv1_config(n, k, 4)) for p in packs]
             elif name == "triton_gemv":
                 fns = [lambda p=p: triton_wq.gemv(x, p, None, **kernels.gemv_config(m, n, k)) for p in packs]
             elif name == "triton_gemm":
@@ -225,7 +225,7 @@ def run_shape(n: int, k: int, ms: list[int], tuned: dict) -> list[dict]:
         timed(r, "w8_auto", [lambda mm=mm: mm(x) for mm in w8s])
         if m == 1:
             packs8 = [kernels.operands(mm, "triton_gemv1") for mm in w8s]
-            cfg8 = tuned.get(f"gemv1w8_{n}x{k}") or kernels.gemv1_config(n, k)
+            cfg8 = tuned.get(f"gemv1w8_{n}x{k}") or kernels.gemv1_config(n, k, 8)
             cfg8 = {kk: v for kk, v in cfg8.items() if kk != "us"}
             timed(r, "w8_triton_gemv1", [lambda p=p: triton_wq.gemv1(x, p, None, **cfg8) for p in packs8])
         if m <= 64:

@@ -10,7 +10,7 @@ kernel), or one kernel name to force where it applies. "auto" on CUDA picks by M
   triton_gemv     CUDA-core fused dequant GEMV for several rows of x: M <= 4 when N < 8192
   triton_gemm     tensor-core fused dequant GEMM: the other M < 64, except small layers at M >= 16
   triton_dequant  Triton dequantize to a dense weight, then cuBLAS: M >= 64 and small layers at M >= 16
-and on the CPU the torch int8/int4 weight-only kernels (cpu.py), many times faster than the reference path.
+and on the CPU, for M <= CPU_MAX_M, the torch int8/int4 weight-only kernels (cpu.py).
 The rules and launch defaults are the winners of benchmarks/kernels.py --tune on an H100 (README).
 
 Kernel operands (re-laid-out scales, CPU packed weights) are built on first use and cached on the module as
@@ -30,6 +30,9 @@ from . import cpu as _cpu
 from . import layout
 
 POLICIES = ("auto", "reference")
+# torch's CPU int kernels beat dequantize-every-call at decode (SmolLM2 W8, M = 1: 2.2x) but lose to it at
+# prefill (M = 64: 7x slower), where MKL's float GEMM amortizes the dequantization (AVX2 box, README).
+CPU_MAX_M = 8
 _policy: str | None = None
 
 
@@ -131,7 +134,7 @@ def _auto(module, x: torch.Tensor) -> str | None:
             return None
         name = weight_only_choice(x.numel() // module.k, module.n, module.k)
         return name if _layer_reason(module, name) is None else None
-    if dev == "cpu":
+    if dev == "cpu" and x.numel() // module.k <= CPU_MAX_M:
         for name in ("cpu_int4", "cpu_int8"):
             if _cpu.missing_ops()[name] is None and _layer_reason(module, name) is None:
                 return name
@@ -218,7 +221,7 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
         bias = None if bias is None else bias.to(x.dtype)
         m = x2.shape[0]
         if name == "triton_gemv1" and m == 1:
-            y = triton_wq.gemv1(x2, pack, bias, **gemv1_config(module.n, module.k))
+            y = triton_wq.gemv1(x2, pack, bias, **gemv1_config(module.n, module.k, module.scheme.bits))
         elif name in ("triton_gemv", "triton_gemv1"):
             y = triton_wq.gemv(x2, pack, bias, **gemv_config(m, module.n, module.k))
         elif name == "triton_gemm":
@@ -252,14 +255,16 @@ def gemv_config(m: int, n: int, k: int) -> dict:
     return {"block_n": block_n, "block_g": 8 if groups_per_split >= 48 else 4, "split_k": split, "num_warps": 4}
 
 
-def gemv1_config(n: int, k: int) -> dict:
-    """2-D GEMV launch: 64 channels x one group per step; split K until ~2048 programs (>= 2 groups each)."""
+def gemv1_config(n: int, k: int, bits: int = 4) -> dict:
+    """2-D GEMV launch (H100 sweep): 128 channels and 8 warps at 4 bits, 64 and 4 at 8 bits, one group per
+    step; split K until ~2048 programs while each keeps >= 2 groups."""
     if ("triton_gemv1", n, k, 1) in TUNED:
         return TUNED["triton_gemv1", n, k, 1]
-    progs, groups, split = -(-n // 64), k // 128, 1
+    block_n, warps = (128, 8) if bits == 4 else (64, 4)
+    progs, groups, split = -(-n // block_n), k // 128, 1
     while progs * split < 2048 and groups // (2 * split) >= 2:
         split *= 2
-    return {"block_n": 64, "split_k": split, "num_warps": 4}
+    return {"block_n": block_n, "split_k": split, "num_warps": warps}
 
 
 def gemm_config(m: int, n: int, k: int) -> dict:

@@ -101,12 +101,14 @@ def main() -> None:
         rows += gpu()
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
-    base = {r["model"]: r for r in rows if r.get("policy") == "auto"}
-    fp = base.get("FP32") or base.get("bf16")
-    print("\n| model | kernels | decode tok/s | x baseline |\n|---|---|---|---|")
+    base = {(r["model"], r.get("batch", 1)): r for r in rows if r.get("policy") == "auto"}
+    print("\n| model | batch | kernels | decode tok/s | x FP32 / bf16 |\n|---|---|---|---|---|")
     for r in rows:
+        b = r.get("batch", 1)
+        fp = base.get(("FP32", b)) or base.get(("bf16", b))
         sp = r["decode_tokens_per_s"] / fp["decode_tokens_per_s"] if fp else float("nan")
-        print(f"| {r['model']} | {', '.join(r['kernel'])} ({r['policy']}) | {r['decode_tokens_per_s']:.1f} | {sp:.2f}x |")
+        print(f"| {r['model']} | {b} | {', '.join(r['kernel'])} ({r['policy']}) | {r['decode_tokens_per_s']:.2f} "
+              f"| {sp:.2f}x |")
 
 
 if __name__ == "__main__":

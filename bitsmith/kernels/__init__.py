@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..packing import unpack
 from . import cpu as _cpu
 from . import layout
 
@@ -178,10 +179,10 @@ def _key(module) -> tuple:
 
 
 def _unpacked_zero(module) -> torch.Tensor | None:
-    qw = module.qweight()
-    if module.zero_kind == "none":
-        return None
-    return qw.zero
+    """(N, G) float zero points (None when symmetric), without unpacking the codes."""
+    if module.zero_kind == "packed":
+        return unpack(module.qzero, module.scheme.bits, module.n_groups).float()
+    return module.zero.float() if module.zero_kind == "float16" else None
 
 
 def operands(module, name: str):

@@ -210,3 +210,25 @@ def test_baselines_share_the_table_or_are_skipped_with_a_note(tiny_llama, tmp_pa
         assert row["bits_per_weight"] == pytest.approx(ours["bits_per_weight"], rel=0.05)
     with pytest.raises(BitsmithError, match="unknown baseline 'gguf'; valid baselines: quanto, hqq"):
         run_compare(methods="rtn", bits=[4], output=tmp_path / "c", baselines=["gguf"], settings=settings)
+
+
+def test_a_broken_method_is_a_note_not_an_abort(tiny_llama, tmp_path, monkeypatch):
+    rtn = methods.get("rtn")
+
+    def fails_on_real_layers(weight, stats, scheme, name="weight", **kw):
+        if name != "probe":
+            raise RuntimeError("boom in a real layer")
+        return rtn.quantize(weight, stats, scheme, name=name)
+
+    def always_fails(*args, **kwargs):
+        raise RuntimeError("not finished")
+
+    monkeypatch.setitem(methods.METHODS, "late", types.SimpleNamespace(NEEDS=(), quantize=fails_on_real_layers))
+    monkeypatch.setitem(methods.METHODS, "early", types.SimpleNamespace(NEEDS=(), quantize=always_fails))
+    settings = Settings(model=str(tiny_llama), seq_len=32, max_tokens=64, gen_tokens=0, latency_decode=2)
+    res = run_compare(methods="rtn,late,early", output=tmp_path / "o", settings=settings, bits=None)
+    assert [r["config"] for r in res["rows"][1:]] == ["rtn int8-pc-asym", "rtn int4-g64-asym", "rtn int3-g64-asym"]
+    assert res["failed"] == 3                      # late at 8, 4 and 3 bits
+    assert any(n.startswith("late int4-g64-asym failed: RuntimeError: boom in a real layer") for n in res["notes"])
+    assert any("skipped early at 4 bits" in n and "not finished" in n for n in res["notes"])
+    assert len(list((tmp_path / "o" / "results").glob("*.json"))) == 4   # failures are not cached

@@ -105,8 +105,11 @@ def test_quip_beats_gptq_alone(bits):
     scheme = Scheme(bits=bits, group_size=64)
     e_quip = out_err(w, dequantize_weight(quip.quantize(w, stats, scheme, name="l.weight")), x_test)
     e_gptq = out_err(w, dequantize_weight(gptq.quantize(w, stats, scheme, name="l.weight")), x_test)
-    print(f"{bits}-bit g64 held-out output error: quip {e_quip:.4f}, gptq {e_gptq:.4f}")
-    assert e_quip < 0.9 * e_gptq
+    e_noclip = out_err(w, dequantize_weight(quip.quantize(w, stats, scheme, clip=False, name="l.weight")), x_test)
+    print(f"{bits}-bit g64 held-out output error: quip {e_quip:.4f} (without clipping {e_noclip:.4f}), "
+          f"gptq {e_gptq:.4f}")
+    assert e_quip < 0.9 * e_gptq and e_noclip < 0.9 * e_gptq
+    assert e_quip < e_noclip
 
 
 def test_quip_with_act_order_undoes_perm_then_transforms():

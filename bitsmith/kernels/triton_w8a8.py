@@ -90,10 +90,15 @@ def _scale_epilogue_kernel(ACC, SA, SB, BIAS, Y, M, N, HAS_BIAS: tl.constexpr, B
 
 
 def int8_fused(x2: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
-               block_m: int = 256, block_n: int = 128, block_k: int = 128, group_m: int = 8, num_warps: int = 8,
-               num_stages: int = 3) -> torch.Tensor:
-    """Defaults: the H100 sweep's winner at M = 2048 on 28672x8192 and 8192x28672."""
+               block_m: int | None = None, block_n: int = 128, block_k: int = 128, group_m: int = 8,
+               num_warps: int = 8, num_stages: int | None = None) -> torch.Tensor:
+    """Defaults (H100): 256x128x128 tiles, 3 stages won the sweep at M = 2048; 128-row tiles, 4 stages were
+    1.3-1.7x faster than bf16 at M = 16..64 where 256-row tiles are mostly padding."""
     m, k = x2.shape
+    if block_m is None:
+        block_m = 256 if m >= 1024 else 128
+    if num_stages is None:
+        num_stages = 3 if block_m == 256 else 4
     n = w8.shape[0]
     xq, sx = quantize_rows(x2)
     y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)

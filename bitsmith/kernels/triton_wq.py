@@ -25,12 +25,10 @@ import triton.language as tl
 
 from .layout import WQPack
 
-MAGIC = 8388608.0          # 2^23
-
 
 @triton.jit
 def _code(w, ws, i: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr):
-    """Code i of each int32 word as float32 q * 2^sh, where sh = _code_shift(i). `ws` = w >> HI."""
+    """Code i of each int32 word as float32 q * 2^sh (sh: see _code_inv_scale). `ws` = w >> HI."""
     MASK: tl.constexpr = (1 << BITS) - 1
     if (i + 1) * BITS <= 23:
         m = (w & (MASK << (i * BITS))) | 0x4B000000

@@ -46,6 +46,8 @@ ROWS: dict[str, tuple] = {      # label: (method, scheme[, method_args])
     "quip-w3g64": ("quip", G64[3]),
     "gptq-w2g64": ("gptq", G64[2]),
     "quip-w2g64": ("quip", G64[2]),
+    "quip-noclip-w3g64": ("quip", G64[3], {"clip": False}),
+    "quip-noclip-w2g64": ("quip", G64[2], {"clip": False}),
     "rtn-w3g64": ("rtn", G64[3]),
     "incoherence-w3g64": ("incoherence", G64[3]),
     "rtn-w2g64": ("rtn", G64[2]),

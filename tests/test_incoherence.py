@@ -135,8 +135,9 @@ def test_save_and_reload_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_quip_two_blocks_beat_gptq_at_2_bits(smollm2):
-    """Two real decoder blocks, few calibration tokens: quip's per-layer output error is below GPTQ's."""
+def test_smollm2_quip_block_beats_gptq_at_2_bits(smollm2):
+    """A real decoder block, few calibration tokens: quip's per-layer output error is below GPTQ's (the
+    whole-model perplexities are in benchmarks/outlier_methods.py)."""
     import copy
 
     kw = {"tokenizer": smollm2.tokenizer, "n_samples": 8, "seq_len": 256}
@@ -144,7 +145,7 @@ def test_smollm2_quip_two_blocks_beat_gptq_at_2_bits(smollm2):
     for method in ("gptq", "quip"):
         m = copy.deepcopy(smollm2.model)
         rep = bitsmith.quantize(m, Recipe(method=method, scheme=Scheme(bits=2, group_size=64),
-                                          targets=("model.layers.[01].*",)), **kw)
+                                          targets=("model.layers.0.*",)), **kw)
         errs[method] = {r["name"]: r["out_rel_err"] for r in rep}
     better = sum(errs["quip"][n] < errs["gptq"][n] for n in errs["gptq"])
     print({n: (round(errs["quip"][n], 4), round(errs["gptq"][n], 4)) for n in errs["gptq"]})

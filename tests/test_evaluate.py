@@ -181,15 +181,22 @@ def test_latency_without_kv_cache():
 
 
 def test_peak_memory_sees_torch_allocations():
-    with PeakMemory(interval=0.005) as mem:
-        x = torch.ones(64 * 2**20 // 4 * 4)  # 256 MB, touched so it is resident
-        time_to_sample = x.sum().item()
-        import time
+    """The sampler must see the RSS reached while a 256 MB tensor is alive. (RSS need not grow by 256 MB: the
+    allocator may reuse pages freed by earlier tests, so compare against RSS read at that moment.)"""
+    import time
 
+    from bitsmith.evaluate import rss_bytes
+
+    with PeakMemory(interval=0.005) as mem:
+        x = torch.ones(64 * 2**20)  # 256 MB, touched so it is resident
+        assert x.sum().item() > 0
+        inside = rss_bytes()
         time.sleep(0.05)
         del x
     res = mem.result()
-    assert time_to_sample > 0 and res["delta_bytes"] > 150e6 and res["peak_bytes"] >= res["delta_bytes"]
+    if inside is None:
+        pytest.skip("RSS cannot be read on this platform")
+    assert res["peak_bytes"] >= inside - (1 << 20) and res["peak_bytes"] >= res["delta_bytes"] >= 0
 
 
 def test_embedding_scores_and_retrieval_pairs():

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import methods
 from .errors import BitsmithError
+from .progress import bar as progress_bar
 from .nn import QuantConv2d, QuantEmbedding, QuantLinear, _Packed
 from .numerics import float_dtype
 from .primitives import QWeight, dequantize_weight
@@ -54,7 +55,7 @@ def _quantize_data_free(model: nn.Module, recipe: Recipe, method, progress: bool
     chosen = select_modules(model, recipe.targets, recipe.ignore)
     if not chosen:
         raise BitsmithError("the recipe selects no module to quantize; check its targets and ignore patterns")
-    bar = _progress(chosen, progress, f"{recipe.method} {recipe.scheme.label()}")
+    bar = progress_bar(chosen, progress, f"{recipe.method} {recipe.scheme.label()}", "layer")
     report = []
     for name, mod in bar:
         t0 = time.perf_counter()
@@ -111,13 +112,3 @@ def _persistent_buffers(model: nn.Module):
         for bname, b in m.named_buffers(recurse=False):
             if bname not in m._non_persistent_buffers_set:
                 yield f"{mname}.{bname}" if mname else bname, b
-
-
-def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, unit="layer", leave=False)

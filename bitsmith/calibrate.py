@@ -31,6 +31,7 @@ from torch import nn
 from . import methods
 from .apply import layer_report, make_quant_module, weight_2d
 from .errors import BitsmithError
+from .progress import bar as progress_bar
 from .nn import LINEAR_CLASSES
 from .observers import features, in_features, make_observers, observable
 from .primitives import dequantize_weight, quantize_weight
@@ -189,7 +190,8 @@ def _walk_blocks(model: nn.Module, prefix: str, blocks: nn.ModuleList, inside: d
     report: list[dict] = []
     # Blocks after the last one holding a target need no visit: their inputs feed nothing quantized.
     last = max(i for i in range(len(blocks)) if any(n.startswith(f"{prefix}.{i}.") for n in inside))
-    for i, block in _progress(list(enumerate(blocks))[:last + 1], progress, f"{run.name} {run.scheme.label()}"):
+    for i, block in progress_bar(list(enumerate(blocks))[:last + 1], progress, f"{run.name} {run.scheme.label()}",
+                                  "block"):
         bp = f"{prefix}.{i}."
         targets = {n[len(bp):]: m for n, m in inside.items() if n.startswith(bp)}
         block_home = _home_device(block)
@@ -419,16 +421,6 @@ def _move_outside(model: nn.Module, prefix: str, device: torch.device) -> None:
         for key, b in list(mod.named_buffers(recurse=False)):
             if b.device != device:
                 setattr(mod, key, b.to(device))
-
-
-def _progress(items: list, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, unit="block", leave=False)
 
 
 # ---- output error from the second moment -----------------------------------------------------------------

@@ -34,6 +34,7 @@ from . import methods
 from .apply import quantize_model
 from .checkpoint import save
 from .errors import BitsmithError
+from .progress import bar as progress_bar
 from .recipe import Recipe, Scheme
 from .report import atomic_write
 from .size import file_bytes, size_report
@@ -435,7 +436,7 @@ def run_compare(model: str | None = None, *, methods: str | list[str] | None = N
     ref_label = f"fp{_float_bits(lm.model)} (unquantized)"
     configs = [Config(label=ref_label, source=REFERENCE), *configs]
     rows, resumed, failed = [], 0, 0
-    bar = _config_bar(configs, progress)
+    bar = progress_bar(configs, progress, "compare", "config", leave=True, position=0)
     for cfg in bar:
         if hasattr(bar, "set_description_str"):
             bar.set_description_str(f"compare [{cfg.label}]")
@@ -478,16 +479,6 @@ def add_deltas(rows: list[dict]) -> None:
         if r.get("ppl") is not None:
             r["dppl"] = r["ppl"] - base
             r["dppl_pct"] = 100 * (r["ppl"] - base) / base
-
-
-def _config_bar(configs: list[Config], progress: bool):
-    if not progress:
-        return configs
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return configs
-    return tqdm(configs, desc="compare", unit="config", position=0)
 
 
 def _environment() -> dict:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitsmith.errors import BitsmithError
+from bitsmith.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def reference_logprobs(model: nn.Module | Callable, windows: torch.Tensor, *, pr
     out: list[torch.Tensor] = []
     half = False
     with _eval_mode(model), _no_grad():
-        for window in _bar(windows, progress, "reference"):
+        for window in progress_bar(windows, progress, "reference", "window"):
             lp = window_logprobs(model, window)  # (L-1, V)
             if not out and w * (length - 1) * lp.shape[-1] * 4 > max_bytes:
                 half = True
@@ -144,7 +145,7 @@ def score_windows(model: nn.Module | Callable, windows: torch.Tensor, ref: Itera
     kls, agree = [], 0
     refs = iter(ref) if ref is not None else None
     with _eval_mode(model), _no_grad():
-        for window in _bar(windows, progress, "evaluate"):
+        for window in progress_bar(windows, progress, "evaluate", "window"):
             lp = window_logprobs(model, window, device)  # (L-1, V)
             target = window[1:].reshape(-1, 1)  # (L-1, 1)
             total -= lp.gather(-1, target).double().sum()
@@ -421,13 +422,3 @@ def _eval_mode(model: Any) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-def _bar(items: Iterable, enabled: bool, desc: str) -> Iterable:
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, unit="window", leave=False)

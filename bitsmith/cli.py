@@ -229,6 +229,30 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import check_options, check_output, export, format_module
+
+    mod = format_module(a.format)                     # unknown format / missing extra: fail before loading
+    options = {k: v for k, v in (("type", a.type),) if v is not None}
+    for item in a.option or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BitsmithError(f"--option takes KEY=VALUE, got {item!r}")
+        options[key.replace("-", "_")] = value
+    check_options(mod, a.format, options)
+    out = Path(a.output)
+    check_output(out, a.overwrite, bool(mod.OUTPUT_IS_DIR))
+    lm = _load(a.model)
+    summary = export(lm, a.format, out, overwrite=a.overwrite, **options)
+    if a.json:
+        print(json.dumps(summary, default=str))
+    else:
+        print(f"exported {a.model} as {a.format} -> {out} ({_mb(summary['bytes'])})")
+        for w in summary.get("warnings", []):
+            print(f"warning: {w}")
+    return 0
+
+
 # ---- plumbing ----------------------------------------------------------------------------------------
 def _load(spec: str):
     from .models import load_any, quiet_transformers
@@ -320,6 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gen-tokens", type=int, default=16, help="greedy tokens per prompt; 0 = no generations")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_compare)
+
+    x = sub.add_parser("export", help="write a model or checkpoint as GGUF, ONNX, compressed-tensors or MLX")
+    x.add_argument("model", help="bitsmith checkpoint directory, bundled name, HF directory or .gguf file")
+    x.add_argument("--format", "-f", required=True, help="gguf, onnx, compressed-tensors or mlx")
+    x.add_argument("--output", "-o", required=True, help="output file (gguf) or directory")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    x.add_argument("--type", help="GGUF tensor type: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K_M, Q4_K, Q5_K_M, Q5_K, "
+                                  "Q6_K, F16, BF16, F32 (default: what the quantized layers are)")
+    x.add_argument("--option", action="append", metavar="KEY=VALUE", help="a format-specific option (repeatable)")
+    x.add_argument("--json", action="store_true", help="print one JSON object")
+    x.set_defaults(func=cmd_export)
     return p
 
 

@@ -20,7 +20,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import methods
+from . import methods, replay
 from .apply import layer_report, make_quant_module, weight_2d
 from .errors import BitsmithError
 from .progress import bar as progress_bar
@@ -41,7 +41,7 @@ from .select import select_modules, set_submodule
 log = logging.getLogger(__name__)
 
 Batch = tuple[tuple, dict]            # (args, kwargs) of one block call; the hidden states are args[0]
-ENGINE_ARGS = ("true_sequential",)    # method_args the engine reads itself
+ENGINE_ARGS = ("true_sequential", "replay")    # method_args the engine reads itself
 # Whether a quantized linear class applies QWeight.transform["input_scale"] at run time (see awq.py).
 RUNTIME_INPUT_SCALE = any("input_scale" in c.TRANSFORMS for c in LINEAR_CLASSES)
 
@@ -76,7 +76,12 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, *, progress: bool = Fa
     home = _home_device(model)
     device = torch.device(device) if device is not None else home
     sequential = getattr(method, "SEQUENTIAL", False) and engine_args.get("true_sequential", True)
-    run = _Run(method, recipe.method, recipe.scheme, method_args, sequential)
+    # replay.py: exact, saves most of a true-sequential walk's repeated passes; its caches cost memory, and
+    # on an accelerator recomputing is cheaper than holding them, so by default only on the CPU
+    use_replay = engine_args.get("replay")
+    use_replay = (device.type == "cpu") if use_replay is None else bool(use_replay)
+    run = _Run(method, recipe.method, recipe.scheme, method_args, sequential,
+               use_replay and sequential and not hasattr(method, "transform_block"))
     from .models import find_decoder_blocks  # models.py imports transformers lazily: this stays light
 
     found = find_decoder_blocks(model)
@@ -85,10 +90,11 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, *, progress: bool = Fa
     with torch.no_grad(), reference_kernels():
         if found is not None:
             prefix, blocks = found
-            inside = {n: m for n, m in chosen.items() if n.startswith(prefix + ".")}
+            # popped, not copied: the walk drops each float layer once it is swapped, so neither host nor
+            # GPU memory keeps the replaced float weights (they grew peak GPU memory by one block per block)
+            inside = {n: chosen.pop(n) for n in list(chosen) if n.startswith(prefix + ".")}
             if inside:
                 report += _walk_blocks(model, prefix, blocks, inside, ids, run, batch_size, device, progress)
-            chosen = {n: m for n, m in chosen.items() if n not in inside}
         if chosen:   # no block list, or layers outside it (an explicitly targeted lm_head, say)
             log.info("calibrating %d layer(s) with whole-model passes", len(chosen))
             report += _whole_model(model, chosen, ids, run, batch_size, device)
@@ -135,6 +141,7 @@ class _Run:
     scheme: Scheme
     args: dict
     sequential: bool
+    replay: bool = False
 
     def quantize_groups(self, block: nn.Module, groups: list[Group], mods: dict[str, nn.Module],
                         stats: dict[str, dict | None], probe: Callable[[], torch.Tensor], prefix: str) -> list[dict]:
@@ -193,15 +200,21 @@ def _walk_blocks(model: nn.Module, prefix: str, blocks: nn.ModuleList, inside: d
     for i, block in progress_bar(list(enumerate(blocks))[:last + 1], progress, f"{run.name} {run.scheme.label()}",
                                   "block"):
         bp = f"{prefix}.{i}."
-        targets = {n[len(bp):]: m for n, m in inside.items() if n.startswith(bp)}
+        targets = {n[len(bp):]: inside.pop(n) for n in [k for k in inside if k.startswith(bp)]}
         block_home = _home_device(block)
         block.to(device)
         t0 = time.perf_counter()
-        if targets:
-            report += quantize_block(block, targets, batches, run, bp)
-        if i < last:
-            for j, b in enumerate(batches):               # quantized outputs feed the next block
-                batches[j] = _with_hidden(b, run_block(block, b))
+        plan = None
+        try:
+            if targets:
+                block_report, plan = quantize_block(block, targets, batches, run, bp, keep_plan=True)
+                report += block_report
+            if i < last:
+                for j, b in enumerate(batches):               # quantized outputs feed the next block
+                    batches[j] = _with_hidden(b, run_block(block, b))
+        finally:
+            if plan is not None:
+                plan.close()
         block.to(block_home)
         log.info("block %d/%d done in %.1f s", i + 1, len(blocks), time.perf_counter() - t0)
     return report
@@ -220,8 +233,10 @@ def _whole_model(model: nn.Module, targets: dict[str, nn.Module], ids: torch.Ten
 
 
 def quantize_block(block: nn.Module, targets: dict[str, nn.Module], batches: list[Batch], run: _Run,
-                   prefix: str) -> list[dict]:
-    """Observe and quantize the target layers of one block (names relative to it), in place."""
+                   prefix: str, keep_plan: bool = False):
+    """Observe and quantize the target layers of one block (names relative to it), in place. With
+    `keep_plan`, returns (report, replay plan or None): the plan's replays stay swapped in (they speed up
+    the propagation pass) until the caller's `plan.close()`."""
     groups, once = trace_groups(block, targets, batches[0])
     missed = [n for n in targets if not any(n in g.names for g in groups)]
     if missed:
@@ -230,9 +245,23 @@ def quantize_block(block: nn.Module, targets: dict[str, nn.Module], batches: lis
         groups.append(Group(missed))
     phases = [[g] for g in groups] if run.sequential else [groups]
     report = []
-    for phase in phases:
-        stats = observe(block, targets, phase, batches, run.method.NEEDS, early_stop=once)
-        report += run.quantize_groups(block, phase, targets, stats, lambda: run_block(block, batches[0]), prefix)
+    plan = replay.Plan(block, targets, batches[0], run_block) if run.replay and once else None
+    try:
+        for phase in phases:
+            names = [n for g in phase for n in g.names]
+            with plan.capture(names) if plan is not None else nullcontext():
+                stats = observe(block, targets, phase, batches, run.method.NEEDS, early_stop=once)
+            report += run.quantize_groups(block, phase, targets, stats, lambda: run_block(block, batches[0]), prefix)
+            if plan is not None:
+                plan.activate(names)
+    except BaseException:
+        if plan is not None:
+            plan.close()
+        raise
+    if keep_plan:
+        return report, plan
+    if plan is not None:
+        plan.close()
     return report
 
 

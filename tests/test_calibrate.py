@@ -213,6 +213,32 @@ def test_report_logs_each_block(caplog):
     assert "block 3/3" in caplog.text
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_replay_gives_the_same_gptq_model_with_fewer_passes(tiny_llama, caplog, act_order):
+    """Replaying finished sub-modules (attention = o_proj(X_o), MLP = down_proj(X_down)) is exact: the same
+    codes as running every pass, and the replays really answered (hits, no misses)."""
+    from bitsmith.models import load_model
+
+    lm = load_model(str(tiny_llama))
+    ids = torch.randint(0, 1000, (5, 32), generator=torch.Generator().manual_seed(0))
+    got = {}
+    for replay in (False, True):
+        m = copy.deepcopy(lm.model)
+        recipe = Recipe(method="gptq", scheme=Scheme(bits=3, group_size=16), keep_dtype=None,
+                        method_args={"replay": replay, "act_order": act_order})
+        with caplog.at_level(logging.DEBUG, logger="bitsmith.replay"):
+            caplog.clear()
+            bitsmith.quantize(m, recipe, calib_ids=ids, batch_size=2)
+        got[replay] = {n: q.dequantize(torch.float32) for n, q in m.named_modules() if isinstance(q, QuantLinear)}
+    hits = [r.getMessage() for r in caplog.records if r.name == "bitsmith.replay"]
+    # per block: self_attn replayed in the gate/up and down passes and the propagation, mlp in the propagation
+    # (only block 0 propagates: the walk ends after the last block holding a target)
+    assert sorted(hits) == sorted(["replay self_attn: 9 hits, 0 misses", "replay mlp: 3 hits, 0 misses",
+                                   "replay self_attn: 6 hits, 0 misses", "replay mlp: 0 hits, 0 misses"])
+    assert got[True].keys() == got[False].keys() and len(got[True]) == 14
+    assert all(torch.equal(got[True][n], got[False][n]) for n in got[True])
+
+
 # ---- real SmolLM2 activations (shared with test_gptq / test_awq) -----------------------------------------
 class _Done(Exception):
     pass

@@ -29,7 +29,6 @@ from ..primitives import (
     symmetric_zero,
     weight_qparams,
 )
-from ..primitives import quantize as round_to_grid
 from ..recipe import Scheme
 
 log = logging.getLogger(__name__)
@@ -70,8 +69,7 @@ def quantize(weight: torch.Tensor, stats: dict | None, scheme: Scheme, *, damp: 
     static = _static_qparams(w, scheme) if static_groups or g == k else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
-    with one_thread_on_cpu(w.device):
-        u, used = inverse_cholesky(h, damp)
+    u, used = inverse_cholesky(h, damp)          # LAPACK-sized work: all threads
     info["damp"] = used
     if u is None:
         return _fallback(weight, scheme, name, info, f"H + damp I is not positive definite up to damp {used:g}")
@@ -145,9 +143,11 @@ def solve(w: torch.Tensor, u: torch.Tensor, scheme: Scheme, *, block_size: int =
         scale = torch.ones(n, groups, device=w.device)
         zero = None if scheme.symmetric else torch.zeros(n, groups, device=w.device)
     sym_zero = symmetric_zero(scheme)
+    qmax = float(grid.qmax)
     orig_col = perm.tolist() if perm is not None else range(k)          # on the host: no sync per column
+    diag = u.diagonal().tolist()                                         # the pivots, also on the host
     wt = w.T.contiguous()               # (K, N): a column of w is a contiguous row here
-    codes = torch.zeros(k, n, dtype=torch.int32, device=w.device)        # (K, N), transposed at the end
+    codes = torch.zeros(k, n, device=w.device)                           # (K, N) float codes, transposed at the end
     s_col = z_col = None
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
@@ -174,14 +174,18 @@ def solve(w: torch.Tensor, u: torch.Tensor, scheme: Scheme, *, block_size: int =
                 if zero is not None:
                     zero[:, j // g] = z_new[:, 0]
                 z_col = sym_zero if zero is None else zero[:, j // g]
+            # Per column as few tensor ops as possible: this loop runs K times and each op is tiny.
+            # Same arithmetic as primitives.quantize / dequantize (divide by the scale, round, shift, clamp).
             col = w1[i]                                                  # (N,)
-            q = round_to_grid(col, s_col, z_col, grid)                   # (N,)
+            q = torch.round(col / s_col).add_(z_col).clamp_(0.0, qmax)  # (N,) codes, as floats
             codes[j] = q
-            err = (col - (q - z_col) * s_col) / u1[i, i]                 # (N,)
-            w1[i:] -= u1[i, i:, None] * err                              # (B - i, N)
+            err = col.sub((q - z_col).mul_(s_col)).div_(diag[j])         # (N,)
+            if i + 1 < i2 - i1:                                          # the rest of the block (column i is done)
+                w1[i + 1:].addr_(u1[i, i + 1:], err, alpha=-1.0)
             err1[i] = err
-        wt[i2:] -= u[i1:i2, i2:].T @ err1                                # lazy batch update
-    return codes.T.contiguous(), scale, zero
+        if i2 < k:
+            wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)            # lazy batch update
+    return codes.T.to(torch.int32).contiguous(), scale, zero
 
 
 @contextmanager

@@ -60,6 +60,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from .recipe import Recipe, Scheme
     from .size import size_report
 
+    if a.recipe and a.gguf_compatible:
+        raise BitsmithError("--gguf-compatible sets the scheme; pass it or --recipe, not both")
     if a.recipe:
         recipe = Recipe.from_yaml(a.recipe)
     else:
@@ -70,8 +72,12 @@ def cmd_quantize(a: argparse.Namespace) -> int:
             args["act_order"] = True
         if a.damp is not None:
             args["damp"] = a.damp
-        recipe = Recipe(method=a.method, scheme=Scheme(bits=a.bits, group_size=a.group_size, symmetric=a.sym,
-                                                       grid=a.grid), targets=tuple(a.targets or ("*",)),
+        scheme = Scheme(bits=a.bits, group_size=a.group_size, symmetric=a.sym, grid=a.grid)
+        if a.gguf_compatible:       # the GGUF type's own grid, so `bitsmith export --format gguf` repacks losslessly
+            from .export.gguf_blocks import gguf_scheme
+
+            scheme = gguf_scheme(a.gguf_compatible.upper())
+        recipe = Recipe(method=a.method, scheme=scheme, targets=tuple(a.targets or ("*",)),
                         ignore=tuple(a.ignore) if a.ignore is not None else Recipe().ignore,
                         method_args=args, seed=a.seed)
     out = Path(a.output)
@@ -242,7 +248,11 @@ def cmd_export(a: argparse.Namespace) -> int:
     check_options(mod, a.format, options)
     out = Path(a.output)
     check_output(out, a.overwrite, bool(mod.OUTPUT_IS_DIR))
-    lm = _load(a.model)
+    from .importers import load_for_export
+    from .models import quiet_transformers
+
+    quiet_transformers()
+    lm = load_for_export(a.model)     # GGUF / GPTQ sources keep their codes (no float round trip)
     summary = export(lm, a.format, out, overwrite=a.overwrite, **options)
     if a.json:
         print(json.dumps(summary, default=str))
@@ -285,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input features per scale; -1 = per output channel (default)")
     q.add_argument("--sym", action="store_true", help="symmetric grid (no zero point)")
     q.add_argument("--grid", default="int", help="int, nf4, fp4, fp8_e4m3, fp8_e5m2, binary, ternary")
+    q.add_argument("--gguf-compatible", metavar="TYPE", help="quantize on GGUF type TYPE's grid (Q4_0, Q4_1, "
+                   "Q5_0, Q5_1, Q8_0: block 32, f16 scales) so a GGUF export keeps the codes; overrides "
+                   "--bits/--group-size/--sym")
     q.add_argument("--mse-clip", action="store_true", help="RTN: search clipping ranges minimising MSE")
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by descending Hessian diagonal")
     q.add_argument("--damp", type=float, default=None, help="GPTQ: damping as a fraction of the mean diagonal (0.01)")

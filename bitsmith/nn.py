@@ -3,8 +3,9 @@ really shrinks and `state_dict()` is exactly what gets saved.
 
 Each module rebuilds its `QWeight` on demand (`qweight()`) and runs the reference forward: dequantize, then
 the float op. Fast kernels (issue 8) plug in behind `forward` without changing the stored format.
-Integer zero points are packed at the weight's bit width (as GPTQ's qzeros); fractional ones (HQQ,
-imported GGUF Q4_1) are stored as float16.
+Integer zero points are packed at the weight's bit width (as GPTQ's qzeros); fractional ones (HQQ) are
+stored as float16, or as float32 where float16 would change them (GGUF Q4_1 / K-quant imports: zero = min /
+scale must give the file's min back exactly).
 
 `QWeight.transform` tensors are stored as buffers of the same name, exactly as given. Two kinds exist:
 storage of the scales themselves (NF4 double quantization: `scale_codes`/`scale_absmax`/`scale_offset`
@@ -31,7 +32,8 @@ from .primitives import (QWeight, double_dequantize, dequantize_weight, group_si
                          unpack_signs)
 from .recipe import Scheme
 
-ZERO_KINDS = ("none", "packed", "float16")
+ZERO_KINDS = ("none", "packed", "float16", "float32")
+FLOAT_ZEROS = ("float16", "float32")     # fractional zeros; float32 only where float16 would change them
 SCALE_TRANSFORMS = ("scale_codes", "scale_absmax", "scale_offset")   # double-quantized scales (NF4 + DQ)
 
 
@@ -40,7 +42,10 @@ def zero_kind(qw: QWeight) -> str:
         return "none"
     z = qw.zero.float()
     integral = bool(torch.equal(z, torch.round(z))) and float(z.min()) >= 0 and float(z.max()) < (1 << qw.scheme.bits)
-    return "packed" if integral else "float16"
+    if integral:
+        return "packed"
+    # GGUF Q4_1/K-quant imports: zero = min / scale must stay float32 to give the file's min back exactly
+    return "float16" if torch.equal(z, z.to(torch.float16).float()) else "float32"
 
 
 def transform_spec(qw: QWeight) -> dict[str, dict]:
@@ -75,8 +80,8 @@ class _Packed(nn.Module):
             self.register_buffer("scale", torch.ones(n, groups, dtype=float_dtype(scheme.scale_dtype)))
         if zero == "packed":
             self.register_buffer("qzero", torch.zeros(n, packed_row_bytes(groups, scheme.bits), dtype=torch.uint8))
-        elif zero == "float16":
-            self.register_buffer("zero", torch.zeros(n, groups, dtype=torch.float16))
+        elif zero in FLOAT_ZEROS:
+            self.register_buffer("zero", torch.zeros(n, groups, dtype=float_dtype(zero)))
         if has_perm:
             self.register_buffer("perm", torch.arange(k, dtype=torch.int32))
         for name, spec in self.transform_spec.items():
@@ -92,7 +97,7 @@ class _Packed(nn.Module):
             getattr(self, name).copy_(qw.transform[name])
         if self.zero_kind == "packed":
             self.qzero.copy_(pack(qw.zero.round().to(torch.uint8), self.scheme.bits))
-        elif self.zero_kind == "float16":
+        elif self.zero_kind in FLOAT_ZEROS:
             self.zero.copy_(qw.zero)
         if qw.perm is not None:
             self.perm.copy_(qw.perm)
@@ -111,7 +116,7 @@ class _Packed(nn.Module):
         zero = None
         if self.zero_kind == "packed":
             zero = unpack(self.qzero, self.scheme.bits, groups).float()
-        elif self.zero_kind == "float16":
+        elif self.zero_kind in FLOAT_ZEROS:
             zero = self.zero.float()
         perm = getattr(self, "perm", None)
         return QWeight(unpack(self.qcodes, self.scheme.bits, self.k), self.scales(), zero, self.scheme, perm,
@@ -242,7 +247,7 @@ class QuantEmbedding(_Packed):
         zero = None
         if self.zero_kind == "packed":
             zero = unpack(self.qzero[flat], self.scheme.bits, self.n_groups).float()
-        elif self.zero_kind == "float16":
+        elif self.zero_kind in FLOAT_ZEROS:
             zero = self.zero[flat].float()
         rows = QWeight(unpack(self.qcodes[flat], self.scheme.bits, self.k), self.scales()[flat], zero, self.scheme,
                        getattr(self, "perm", None))

@@ -48,15 +48,17 @@ def format_module(fmt: str) -> ModuleType:
 
 
 def check_options(mod: ModuleType, fmt: str, options: dict[str, Any]) -> None:
-    """Reject options the format's `write` does not take, naming the ones it does."""
+    """Reject options the format's `write` does not take, naming the ones it does (and, where the format
+    has a `validate_options`, values it cannot use)."""
     params = inspect.signature(mod.write).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
     known = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(known))
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = [] if open_ended else sorted(set(options) - set(known))
     if unknown:
         raise BitsmithError(f"format {fmt} has no option(s) {', '.join(unknown)}; "
                             f"its options: {', '.join(known) or 'none'}")
+    if hasattr(mod, "validate_options"):       # a format may check option values before any model is loaded
+        mod.validate_options(**options)
 
 
 def check_output(out: Path, overwrite: bool, is_dir: bool) -> None:

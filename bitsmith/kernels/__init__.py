@@ -182,7 +182,7 @@ def _unpacked_zero(module) -> torch.Tensor | None:
     """(N, G) float zero points (None when symmetric), without unpacking the codes."""
     if module.zero_kind == "packed":
         return unpack(module.qzero, module.scheme.bits, module.n_groups).float()
-    return module.zero.float() if module.zero_kind == "float16" else None
+    return module.zero.float() if module.zero_kind in ("float16", "float32") else None
 
 
 def operands(module, name: str):

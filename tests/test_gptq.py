@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bitsmith import BitsmithError, Scheme, dequantize_weight, quantize_weight
-from bitsmith.methods import gptq
+from bitsmith.methods import gptq, rtn
 
 from .test_calibrate import real_layer
 
@@ -30,12 +30,14 @@ SCHEMES = [Scheme(bits=4, group_size=64), Scheme(bits=3, group_size=None), Schem
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label())
 @pytest.mark.parametrize("k", [576, 100, 33])
-def test_identity_hessian_reproduces_rtn_exactly(scheme, k):
+@pytest.mark.parametrize("mse", [False, True])
+def test_identity_hessian_reproduces_rtn_exactly(scheme, k, mse):
+    """With `mse`, the group parameters come from RTN's MSE clipping search: then MSE-clipped RTN exactly."""
     torch.manual_seed(0)
     w = torch.randn(24, k)
     info = {}
-    qw = gptq.quantize(w, {"hessian": torch.eye(k)}, scheme, info=info)
-    ref = quantize_weight(w, scheme)
+    qw = gptq.quantize(w, {"hessian": torch.eye(k)}, scheme, info=info, act_order=False, mse=mse)
+    ref = rtn.quantize(w, None, scheme, mse=mse)
     assert torch.equal(qw.codes, ref.codes)
     assert torch.equal(qw.scale, ref.scale)
     assert (qw.zero is None and ref.zero is None) or torch.equal(qw.zero, ref.zero)

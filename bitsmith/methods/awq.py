@@ -27,6 +27,7 @@ from ..primitives import (
     dequantize_weight,
     group_size_for,
     quantize_weight,
+    symmetric_zero,
     to_groups,
     weight_qparams,
 )
@@ -73,7 +74,8 @@ def search_scale(w: torch.Tensor, h: torch.Tensor, x_mean: torch.Tensor, scheme:
     when s = 1 wins, a label of the winner, loss / RTN loss)."""
     w = w.to(h.device, torch.float32)
     x_mean = x_mean.to(h.device).float()
-    base = output_loss(w, torch.ones_like(x_mean), h, scheme)
+    factor = loss_factor(h)                     # once per group: each candidate then costs half a product
+    base = output_loss(w, torch.ones_like(x_mean), h, scheme, factor)
     best, best_loss, label = None, base, "none"
     w_mean = _weight_mean(w, scheme)
     for i in range(1, n_grid):
@@ -84,17 +86,58 @@ def search_scale(w: torch.Tensor, h: torch.Tensor, x_mean: torch.Tensor, scheme:
         for kind, s in cands:
             s = s.clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
-            loss = output_loss(w, s, h, scheme)
+            loss = output_loss(w, s, h, scheme, factor)
             if loss < best_loss:
                 best, best_loss, label = s, loss, f"{kind}^{a:.2f}"
     return best, label, float(best_loss / base) if base > 0 else 1.0
 
 
-def output_loss(w: torch.Tensor, s: torch.Tensor, h: torch.Tensor, scheme: Scheme) -> float:
-    """tr(D H D^T), D = w - Q(w diag(s)) diag(1/s): the summed squared output error per token."""
-    dq = dequantize_weight(quantize_weight(w * s, scheme)) / s                 # (N, K)
+def output_loss(w: torch.Tensor, s: torch.Tensor, h: torch.Tensor, scheme: Scheme,
+                factor: torch.Tensor | None = None) -> float:
+    """tr(D H D^T), D = w - Q(w diag(s)) diag(1/s): the summed squared output error per token. With
+    `factor` (L from `loss_factor`), computed as ||D L||^2."""
+    dq = fake_quant(w * s, scheme) / s                                          # (N, K)
     d = w - dq
-    return float(((d @ h) * d).sum())
+    if factor is None:
+        return float(((d @ h) * d).sum())
+    return quadratic_form(d, factor)
+
+
+LOSS_TILE = 128
+
+
+def fake_quant(w: torch.Tensor, scheme: Scheme, scale: torch.Tensor | None = None,
+               zero: torch.Tensor | None = None) -> torch.Tensor:
+    """dequantize_weight(quantize_weight(w, scheme, scale=, zero=)) for an int grid, the same arithmetic
+    without building a QWeight (no uint8 codes, one padding): the searches call it dozens of times."""
+    if scheme.grid != "int":
+        return dequantize_weight(quantize_weight(w, scheme, scale=scale, zero=zero))
+    n, k = w.shape
+    g = group_size_for(k, scheme.group_size)
+    if scale is None:
+        scale, zero = weight_qparams(w, scheme)
+    s3 = scale.float().unsqueeze(-1)                                            # (N, G, 1)
+    z3 = symmetric_zero(scheme) if zero is None else zero.float().unsqueeze(-1)
+    q = torch.clamp(torch.round(to_groups(w.float(), g) / s3) + z3, 0, (1 << scheme.bits) - 1)
+    return ((q - z3) * s3).view(n, -1)[:, :k]
+
+
+def loss_factor(h: torch.Tensor) -> torch.Tensor | None:
+    """Lower Cholesky factor L of H = L L^T (so tr(D H D^T) = ||D L||_F^2), or None when H is not
+    positive definite (then the plain product is used)."""
+    l, bad = torch.linalg.cholesky_ex(h.float())
+    return l if int(bad) == 0 and bool(torch.isfinite(l).all()) else None
+
+
+def quadratic_form(d: torch.Tensor, l: torch.Tensor) -> float:
+    """||D L||_F^2 for lower-triangular L, tile by tile of L's columns: the zero upper part is skipped, so
+    the cost is about half of D H's (N K^2) in GEMMs that still run at full speed."""
+    k = d.shape[1]
+    total = 0.0
+    for a in range(0, k, LOSS_TILE):
+        b = min(a + LOSS_TILE, k)
+        total += float((d[:, a:] @ l[a:, a:b]).square().sum())
+    return total
 
 
 def _weight_mean(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
@@ -122,7 +165,7 @@ def clip_qparams(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, *, grid: int 
     for i in range(max(1, round(max_shrink * grid))):
         shrink = 1.0 - i / grid
         s, z = weight_qparams(w, scheme, shrink)
-        dq = dequantize_weight(quantize_weight(w, scheme, scale=s, zero=z))
+        dq = fake_quant(w, scheme, s, z)
         d = to_groups(dq - w, g).transpose(0, 1)                               # (G, N, g)
         err = (torch.bmm(d, hb) * d).sum(-1).T                                  # (N, G)
         better = err < best_err

@@ -30,6 +30,7 @@ from ..primitives import (
     weight_qparams,
 )
 from ..recipe import Scheme
+from .rtn import mse_qparams
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,11 @@ SEQUENTIAL = True          # the engine observes and quantizes a block's layer g
 
 
 def quantize(weight: torch.Tensor, stats: dict | None, scheme: Scheme, *, damp: float = 0.01,
-             block_size: int = 128, act_order: bool = False, static_groups: bool = False,
+             block_size: int = 128, act_order: bool = False, static_groups: bool = False, mse: bool = False,
              name: str = "weight", info: dict | None = None) -> QWeight:
-    """GPTQ-quantize `weight` (N, K) with stats["hessian"] (K, K); `info` receives damp / fallback."""
+    """GPTQ-quantize `weight` (N, K) with stats["hessian"] (K, K); `info` receives damp / fallback. With
+    `mse`, each group's (scale, zero) is RTN's MSE clipping search on the group's columns as the solve
+    reaches them (the reference quantizer's `mse` option) instead of their min-max range."""
     info = {} if info is None else info
     if scheme.grid != "int":
         raise BitsmithError(f"gptq quantizes to integer grids only, not {scheme.grid!r}; use rtn for it")
@@ -66,7 +69,7 @@ def quantize(weight: torch.Tensor, stats: dict | None, scheme: Scheme, *, damp: 
     h[dead, dead] = 1.0
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
     g = group_size_for(k, scheme.group_size)
-    static = _static_qparams(w, scheme) if static_groups or g == k else None
+    static = _static_qparams(w, scheme, mse) if static_groups or g == k else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
     u, used = inverse_cholesky(h, damp)          # LAPACK-sized work: all threads
@@ -77,7 +80,7 @@ def quantize(weight: torch.Tensor, stats: dict | None, scheme: Scheme, *, damp: 
         log.warning("%s: Cholesky failed at damp %g; escalated to %g", name, damp, used)
         info["damp_escalated"] = True
     with one_thread_on_cpu(w.device):
-        codes, scale, zero = solve(w, u, scheme, block_size=block_size, perm=perm, static=static)
+        codes, scale, zero = solve(w, u, scheme, block_size=block_size, perm=perm, static=static, mse=mse)
     if not (torch.isfinite(scale).all() and (zero is None or torch.isfinite(zero).all())):
         return _fallback(weight, scheme, name, info, "the solve produced non-finite scales")
     if perm is not None and static is not None:
@@ -120,18 +123,19 @@ def upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor | None:
     return u if bool(torch.isfinite(u).all()) else None
 
 
-def _static_qparams(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _static_qparams(w: torch.Tensor, scheme: Scheme, mse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Group parameters of the original (unpermuted, not yet updated) weight. (N, G)"""
-    return weight_qparams(w, scheme)
+    return mse_qparams(w, scheme) if mse else weight_qparams(w, scheme)
 
 
 def solve(w: torch.Tensor, u: torch.Tensor, scheme: Scheme, *, block_size: int = 128,
           perm: torch.Tensor | None = None,
-          static: tuple[torch.Tensor, torch.Tensor | None] | None = None
+          static: tuple[torch.Tensor, torch.Tensor | None] | None = None, mse: bool = False
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The GPTQ column loop on w (N, K) (already permuted when `perm` is given) with U (K, K).
     Returns codes (N, K) int32 in w's column order, scale and zero (N, G): per group of w's columns, or
-    of the original columns when `static` parameters are given."""
+    of the original columns when `static` parameters are given; `mse`: group parameters from RTN's MSE
+    clipping search instead of min-max."""
     n, k = w.shape
     g = group_size_for(k, scheme.group_size)
     grid = IntGrid(scheme.bits, signed=False)
@@ -168,7 +172,7 @@ def solve(w: torch.Tensor, u: torch.Tensor, scheme: Scheme, *, block_size: int =
                 if end > i2:
                     owed = wt[i2:end] - u[i1:j, i2:end].T @ err1[:i]
                     cols = torch.cat([wt[j:i2], owed])
-                s_new, z_new = weight_qparams(cols.T, per_row)           # (N, 1)
+                s_new, z_new = (mse_qparams if mse else weight_qparams)(cols.T, per_row)   # (N, 1)
                 scale[:, j // g] = s_new[:, 0]
                 s_col = scale[:, j // g]
                 if zero is not None:

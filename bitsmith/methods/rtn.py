@@ -31,7 +31,7 @@ def mse_qparams(w: torch.Tensor, scheme: Scheme, *, grid_points: int = 50, min_s
     wg = to_groups(w, g)                                                  # (N, G, g), zero-padded
     qmax = float((1 << scheme.bits) - 1)
     best_scale, best_zero = weight_qparams(w, scheme)
-    best_err = torch.full(best_scale.shape, float("inf"))
+    best_err = torch.full(best_scale.shape, float("inf"), device=w.device)
     steps = max(1, int(round((1 - min_shrink) * grid_points)))
     for i in range(steps + 1):
         scale, zero = weight_qparams(w, scheme, 1.0 - i / grid_points)    # (N, G) each

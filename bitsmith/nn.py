@@ -197,6 +197,8 @@ class QuantConv2d(_Packed):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, qw: QWeight, method: str = "rtn") -> QuantConv2d:
+        if cls is QuantConv2d and runtime_transforms(transform_spec(qw)):
+            cls = conv_class(transform_spec(qw))      # e.g. W8A8Conv2d for an activation scale (nn_act.py)
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, qw.scheme, stride=conv.stride,
                 padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                 method=method, zero=zero_kind(qw), has_perm=qw.perm is not None,
@@ -343,13 +345,27 @@ QUANT_MODULES = {"linear": QuantLinear, "conv2d": QuantConv2d, "embedding": Quan
 LINEAR_CLASSES = (QuantLinear, Int8MixedLinear, HadamardLinear, InputScaledLinear)
 
 
-def linear_class(spec: dict) -> type[QuantLinear]:
-    """The linear module class whose forward applies exactly the run-time transforms in `spec`."""
+def linear_class(spec: dict, classes: tuple | None = None, what: str = "linear") -> type[QuantLinear]:
+    """The linear (or, given CONV_CLASSES, conv) module class whose forward applies exactly the run-time
+    transforms in `spec`."""
     wanted = runtime_transforms(spec)
-    for cls in LINEAR_CLASSES:
+    for cls in classes or LINEAR_CLASSES:
         if set(cls.TRANSFORMS) == wanted:
             return cls
-    raise BitsmithError(f"no quantized linear module applies the transform(s) {', '.join(sorted(wanted))}")
+    raise BitsmithError(f"no quantized {what} module applies the transform(s) {', '.join(sorted(wanted))}")
+
+
+# activation-quantized variants (W8A8, FP8 activations) live in nn_act.py, which imports this module
+from .nn_act import ACT_CONV_CLASSES, ACT_LINEAR_CLASSES  # noqa: E402
+
+LINEAR_CLASSES += ACT_LINEAR_CLASSES
+CONV_CLASSES = (QuantConv2d, *ACT_CONV_CLASSES)
+QUANT_MODULES.update({c.kind: c for c in (*ACT_LINEAR_CLASSES, *ACT_CONV_CLASSES)})
+
+
+def conv_class(spec: dict) -> type[QuantConv2d]:
+    """The conv module class whose forward applies exactly the run-time transforms in `spec`."""
+    return linear_class(spec, CONV_CLASSES, "conv")
 
 
 def build_empty(info: dict, dtype: torch.dtype = torch.float32) -> _Packed:
@@ -360,12 +376,13 @@ def build_empty(info: dict, dtype: torch.dtype = torch.float32) -> _Packed:
     if info["type"] in {c.kind for c in LINEAR_CLASSES}:
         return QUANT_MODULES[info["type"]](info["in_features"], info["out_features"], scheme, bias=info["bias"],
                                            bias_dtype=dtype, **common)
-    if info["type"] == "conv2d":
+    if info["type"] in {c.kind for c in CONV_CLASSES}:
         pad = info["padding"]
-        return QuantConv2d(info["in_channels"], info["out_channels"], tuple(info["kernel_size"]), scheme,
-                           stride=tuple(info["stride"]), padding=pad if isinstance(pad, str) else tuple(pad),
-                           dilation=tuple(info["dilation"]), groups=info["groups"], bias=info["bias"],
-                           bias_dtype=dtype, **common)
+        conv = QUANT_MODULES[info["type"]]
+        return conv(info["in_channels"], info["out_channels"], tuple(info["kernel_size"]), scheme,
+                    stride=tuple(info["stride"]), padding=pad if isinstance(pad, str) else tuple(pad),
+                    dilation=tuple(info["dilation"]), groups=info["groups"], bias=info["bias"],
+                    bias_dtype=dtype, **common)
     if info["type"] == "embedding":
         return QuantEmbedding(info["num_embeddings"], info["embedding_dim"], scheme,
                               padding_idx=info["padding_idx"], out_dtype=dtype, **common)

@@ -6,7 +6,13 @@ Observers keep running means, so the result does not depend on how the data was 
   "hessian"      H = mean_t x_t x_t^T  (K, K): the second moment that GPTQ's proxy loss and AWQ's
                  output error ||X W^T - X Q^T||^2 / T = tr((W - Q) H (W - Q)^T) are built on
   "act_absmean"  mean_t |x_t|  (K,): AWQ's per-input-channel activation magnitude
-Methods name what they need in `NEEDS`; `make_observers` builds exactly those.
+  "act_minmax"   running min / max (per tensor, or per channel with per_channel=True)
+  "act_channel_absmax"  max_t |x_t| (K,): SmoothQuant's per-channel activation range
+  "act_hist"     min / max, a moving average of per-batch min / max, and a histogram of |x| from which
+                 `clip_range` picks a static activation range: "minmax", "ema", "percentile", "mse"
+                 (least expected squared error), "entropy" (least KL divergence, TensorRT's calibrator)
+Methods name what they need in `NEEDS`; `make_observers` builds exactly those. Per-channel versions of the
+clipping rules work on a (C, T) sample matrix (`clip_per_channel`); per-token ranges are taken at run time.
 """
 
 from __future__ import annotations
@@ -103,7 +109,174 @@ class MinMax:
         return self.lo, self.hi
 
 
-OBSERVERS = {"hessian": SecondMoment, "act_absmean": AbsMean, "act_minmax": MinMax}
+class ChannelAbsMax:
+    """Running max |x| per feature over rows. (K,)"""
+
+    def __init__(self, k: int, device: torch.device | str = "cpu") -> None:
+        self.amax = torch.zeros(k, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:            # x: (T, K)
+        if x.shape[0]:
+            self.amax = torch.maximum(self.amax, x.detach().to(self.amax.device, torch.float32).abs().amax(0))
+            self.count += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return self.amax
+
+
+class Histogram:
+    """Per-tensor activation statistics for static ranges: global min / max, an exponential moving average
+    of each batch's min / max (torch.ao's MovingAverageMinMax, `momentum`), and `bins` counts of |x| over
+    [0, R]. When a batch exceeds R, R grows by an integer factor f and old bin i merges into bin i // f, so
+    the histogram stays exact without keeping the data (ONNX Runtime's collector does the same)."""
+
+    KEEP_ROWS = 1024      # a uniform sample of rows, kept so a rescaled input (SmoothQuant) can be re-binned
+
+    def __init__(self, k: int = 0, device: torch.device | str = "cpu", *, bins: int = 2048,
+                 momentum: float = 0.01) -> None:
+        self.bins, self.momentum = bins, momentum
+        self.rows: torch.Tensor | None = None              # (<= KEEP_ROWS, K) sample of the 2-D inputs
+        self.keys: torch.Tensor | None = None              # their random keys: the smallest are kept
+        self.counts = torch.zeros(bins, dtype=torch.float64, device=device)
+        self.edge = 0.0                                    # R: the histogram covers |x| in [0, R]
+        self.lo = self.hi = self.ema_lo = self.ema_hi = 0.0
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        x = x.detach().to(self.counts.device, torch.float32)
+        if x.dim() == 2:
+            self._keep(x)
+        x = x.reshape(-1)
+        lo, hi = float(x.min()), float(x.max())
+        if self.count == 0:
+            self.lo, self.hi, self.ema_lo, self.ema_hi = lo, hi, lo, hi
+        else:
+            self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+            m = self.momentum
+            self.ema_lo, self.ema_hi = (1 - m) * self.ema_lo + m * lo, (1 - m) * self.ema_hi + m * hi
+        self.count += 1
+        a = x.abs()
+        amax = float(a.max())
+        if amax > self.edge:
+            if self.edge == 0.0:
+                self.edge = amax if amax > 0 else 1.0
+            else:
+                f = int(torch.ceil(torch.tensor(amax / self.edge)))
+                merged = torch.zeros_like(self.counts)
+                merged.index_add_(0, torch.arange(self.bins, device=merged.device) // f, self.counts)
+                self.counts, self.edge = merged, self.edge * f
+        idx = (a * (self.bins / self.edge)).long().clamp_(max=self.bins - 1)
+        self.counts += torch.bincount(idx, minlength=self.bins).to(self.counts.dtype)
+
+    def _keep(self, x: torch.Tensor) -> None:
+        """Reservoir sampling by random keys: the rows with the KEEP_ROWS smallest keys of all seen."""
+        keys = torch.rand(x.shape[0], device=x.device)
+        rows = x if self.rows is None else torch.cat([self.rows, x])
+        keys = keys if self.keys is None else torch.cat([self.keys, keys])
+        if rows.shape[0] > self.KEEP_ROWS:
+            keep = keys.topk(self.KEEP_ROWS, largest=False).indices
+            rows, keys = rows[keep], keys[keep]
+        self.rows, self.keys = rows, keys
+
+    def rescaled(self, s: torch.Tensor) -> Histogram:
+        """The statistics of x / s (per feature, s (K,)) rebuilt from the kept rows: SmoothQuant moves a
+        per-channel scale into the weights after observation, which a histogram of |x| cannot follow."""
+        if self.rows is None:
+            raise BitsmithError("this histogram kept no rows (inputs were not 2-D); cannot rescale it")
+        h = Histogram(bins=self.bins, momentum=self.momentum)
+        h.update(self.rows / s.to(self.rows.device, torch.float32))
+        return h
+
+    def result(self) -> Histogram:
+        if self.count == 0:
+            raise BitsmithError("a histogram observer saw no data; run calibration inputs through the layer")
+        return self
+
+
+OBSERVERS = {"hessian": SecondMoment, "act_absmean": AbsMean, "act_minmax": MinMax,
+             "act_channel_absmax": ChannelAbsMax, "act_hist": Histogram}
+CLIP_RULES = ("minmax", "ema", "percentile", "mse", "entropy")
+
+
+# ---- choosing a clipping threshold (pure functions of a histogram of |x|) ------------------------------
+def clip_range(hist: Histogram, rule: str = "minmax", *, bits: int = 8, percentile: float = 99.99) -> float:
+    """T, the |x| a symmetric static scale T / (2^(bits-1) - 1) should cover, by `rule`."""
+    if rule == "minmax":
+        return max(-hist.lo, hist.hi)
+    if rule == "ema":
+        return max(-hist.ema_lo, hist.ema_hi)
+    counts, edge = hist.counts.double(), hist.edge
+    if rule == "percentile":
+        return percentile_threshold(counts, edge, percentile)
+    if rule == "mse":
+        return mse_threshold(counts, edge, bits)
+    if rule == "entropy":
+        return entropy_threshold(counts, edge, bits)
+    raise BitsmithError(f"unknown observer {rule!r}; valid: {', '.join(CLIP_RULES)}")
+
+
+def percentile_threshold(counts: torch.Tensor, edge: float, p: float) -> float:
+    """The upper edge of the first bin where the cumulative share of |x| reaches p percent."""
+    cdf = counts.cumsum(0) / counts.sum()
+    i = int(torch.searchsorted(cdf, torch.tensor(p / 100.0, dtype=cdf.dtype)).clamp(max=len(counts) - 1))
+    return (i + 1) * edge / len(counts)
+
+
+def mse_threshold(counts: torch.Tensor, edge: float, bits: int) -> float:
+    """T minimising the expected squared error: values below T get rounding noise step^2 / 12 (step =
+    T / qmax), values above are clipped to T. Candidates are the bin edges."""
+    b = len(counts)
+    qmax = (1 << (bits - 1)) - 1
+    c = (torch.arange(b, dtype=torch.float64) + 0.5) * edge / b                  # bin centers (B,)
+    t = torch.arange(1, b + 1, dtype=torch.float64) * edge / b                   # candidates: upper edges
+    # sum over bins above candidate i of n (c - T)^2 = S2 - 2 T S1 + T^2 S0, from suffix sums
+    def above(v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([v.flip(0).cumsum(0).flip(0)[1:], v.new_zeros(1)])
+    s0, s1, s2 = above(counts), above(counts * c), above(counts * c * c)
+    clip = (s2 - 2 * t * s1 + t * t * s0).clamp(min=0)
+    noise = (counts.sum() - s0) * (t / qmax) ** 2 / 12
+    return float(t[int(torch.argmin(clip + noise))])
+
+
+def entropy_threshold(counts: torch.Tensor, edge: float, bits: int) -> float:
+    """TensorRT's entropy calibration: for each candidate T (a bin edge), P = the histogram up to T with
+    everything above added to its last bin; Q = P merged into 2^(bits-1) levels and spread back over the
+    non-empty bins; keep the T with the least KL(P || Q)."""
+    b = len(counts)
+    levels = 1 << (bits - 1)
+    best, best_i = float("inf"), b
+    for i in range(levels, b + 1, max(1, (b - levels) // 256)):
+        p = counts[:i].clone()
+        p[-1] += counts[i:].sum()
+        nz = p > 0
+        # each of the `levels` quantized bins spans i / levels histogram bins (the last takes the rest)
+        level = (torch.arange(i) * levels // i).clamp(max=levels - 1)
+        tot = torch.zeros(levels, dtype=p.dtype).index_add_(0, level, counts[:i])
+        n = torch.zeros(levels, dtype=p.dtype).index_add_(0, level, nz.to(p.dtype))
+        q = torch.where(nz, tot[level] / n[level].clamp(min=1), torch.zeros_like(p))
+        ps, qs = p / p.sum(), q / q.sum().clamp(min=1e-30)
+        m = nz & (qs > 0)
+        if bool((nz & ~(qs > 0)).any()):
+            continue
+        kl = float((ps[m] * (ps[m] / qs[m]).log()).sum())
+        if kl < best:
+            best, best_i = kl, i
+    return best_i * edge / b
+
+
+def clip_per_channel(x: torch.Tensor, rule: str = "minmax", *, bits: int = 8, percentile: float = 99.99,
+                     bins: int = 2048) -> torch.Tensor:
+    """Per-row thresholds T (C,) of a (C, T) sample matrix (rows = channels, or tokens): each row's
+    histogram of |x| with the same rule as `clip_range`."""
+    out = []
+    for row in x.detach().float():
+        h = Histogram(bins=bins)
+        h.update(row)
+        out.append(clip_range(h, rule, bits=bits, percentile=percentile))
+    return torch.tensor(out)
 
 
 def input_ranges(modules: dict[str, nn.Module], run, batches) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

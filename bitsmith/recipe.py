@@ -146,6 +146,9 @@ PRESETS: dict[str, Recipe] = {
     "w2-g64": Recipe(scheme=Scheme(bits=2, group_size=64)),
     "nf4": Recipe(scheme=Scheme(bits=4, group_size=64, grid="nf4")),
     "fp8": Recipe(scheme=Scheme(bits=8, group_size=None, grid="fp8_e4m3", scale_dtype="float32")),
+    "w8a8": Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True)),
+    "w8a8-dynamic": Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True),
+                           method_args={"dynamic": True}),
     "fp16": Recipe(method="fp16"),
     "bf16": Recipe(method="bf16"),
 }

@@ -123,7 +123,7 @@ def tiny_bpe_llama(tmp_path_factory):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     from bitsmith.models import default_text
 
-    tok.train_from_iterator([default_text()[:20000]], trainer)
+    tok.train_from_iterator([default_text()[:4000]], trainer)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
                                                 eos_token="<|endoftext|>")
     fast.save_pretrained(str(d))
@@ -230,6 +230,23 @@ def test_cli_export_tiny_llama_json(tiny_bpe_llama, tmp_path, capsys, own_cache)
     assert cli.main(["export", str(tiny_bpe_llama), "--format", "gguf", "-o", str(out)]) == 2   # exists
 
 
+def test_cli_exports_a_bitsmith_checkpoint_losslessly(tiny_bpe_llama, tmp_path, capsys, own_cache):
+    from bitsmith import checkpoint
+    from bitsmith.apply import quantize_model
+    from bitsmith.models import load_any
+    from bitsmith.recipe import Recipe
+
+    lm = load_any(str(tiny_bpe_llama))
+    quantize_model(lm.model, Recipe(scheme=gb.gguf_scheme("Q4_1")), progress=False)
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save(lm.model, ckpt, tokenizer=lm.tokenizer)
+    out = tmp_path / "ckpt.gguf"
+    assert cli.main(["export", str(ckpt), "--format", "gguf", "-o", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["lossless"] == 14 and summary["re_encoded"] == 0
+    assert {r["type"] for n, r in summary["tensors"].items() if n.startswith("blk.")} == {"Q4_1"}
+
+
 # ---- the real model ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_q4_1_gguf_import_export_is_byte_identical(tmp_path):
@@ -244,3 +261,58 @@ def test_smollm2_q4_1_gguf_import_export_is_byte_identical(tmp_path):
     assert s["re_encoded"] == 0 and s["lossless"] == 211      # 210 Q4_1 linears + the tied Q8_0 embedding
     a, b = _tensor_bytes(src), _tensor_bytes(out)
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+
+
+# ---- llama.cpp (llama-cpp-python: no CPU wheel on PyPI, so CI skips these) ------------------------------
+def _llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (no CPU wheel on PyPI; "
+                                                   "pip install 'bitsmith[llamacpp]' compiles llama.cpp)")
+
+
+def _quantized_copy(lm, method: str, **calib):
+    import copy
+
+    from bitsmith.apply import quantize_model
+    from bitsmith.models import LoadedModel
+    from bitsmith.recipe import Recipe
+
+    model = copy.deepcopy(lm.model)
+    quantize_model(model, Recipe(method=method, scheme=gb.gguf_scheme("Q4_0")), **calib)
+    return LoadedModel(model, lm.tokenizer, method, "causal-lm", lm.source_dir)
+
+
+def _ppl(model, windows) -> float:
+    from bitsmith.evaluate import score_windows
+
+    return score_windows(model, windows)["perplexity"]
+
+
+@pytest.mark.slow
+def test_llamacpp_perplexity_of_exported_gguf_within_1pct_of_bitsmith(smollm2, eval_text, tmp_path):
+    _llama_cpp()
+    from bitsmith.baselines import LlamaCppModel
+    from bitsmith.evaluate import eval_windows
+
+    lm = _quantized_copy(smollm2, "rtn")
+    out = tmp_path / "rtn-q4_0.gguf"
+    s = export(lm, "gguf", out)
+    assert s["lossless"] == 210 and s["re_encoded"] == 0
+    windows = eval_windows(smollm2.tokenizer, eval_text, seq_len=256, max_tokens=1024)
+    ours, theirs = _ppl(lm.model, windows), _ppl(LlamaCppModel(out, n_ctx=256), windows)
+    assert abs(theirs - ours) / ours < 0.01, (ours, theirs)
+
+
+@pytest.mark.slow
+def test_gptq_exported_losslessly_beats_llamacpp_own_q4_0(smollm2, eval_text, tmp_path):
+    _llama_cpp()
+    from bitsmith.baselines import LlamaCppModel
+    from bitsmith.evaluate import eval_windows
+    from bitsmith.models import load_text
+
+    lm = _quantized_copy(smollm2, "gptq", tokenizer=smollm2.tokenizer, calib_text=load_text(None)[0],
+                         n_samples=16, seq_len=256)
+    ours, ggml = tmp_path / "gptq-q4_0.gguf", tmp_path / "ggml-q4_0.gguf"
+    assert export(lm, "gguf", ours, type="Q4_0")["re_encoded"] == 0
+    export(smollm2, "gguf", ggml, type="Q4_0")       # ggml's own Q4_0 of the same float weights (bit-exact)
+    windows = eval_windows(smollm2.tokenizer, eval_text, seq_len=256, max_tokens=1024)
+    assert _ppl(LlamaCppModel(ours, n_ctx=256), windows) < _ppl(LlamaCppModel(ggml, n_ctx=256), windows)

@@ -247,6 +247,58 @@ def test_cli_exports_a_bitsmith_checkpoint_losslessly(tiny_bpe_llama, tmp_path, 
     assert {r["type"] for n, r in summary["tensors"].items() if n.startswith("blk.")} == {"Q4_1"}
 
 
+def test_failed_write_leaves_no_file(tiny_bpe_llama, tmp_path, monkeypatch):
+    from bitsmith.models import load_any
+
+    lm = load_any(str(tiny_bpe_llama))
+    calls = []
+
+    def broken(w, t, name="weight"):
+        calls.append(name)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return real(w, t, name)
+
+    real = gb.encode
+    monkeypatch.setattr(gb, "encode", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export(lm, "gguf", tmp_path / "x.gguf", type="Q8_0")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _tiny_qwen2(bpe_dir, tmp_path):
+    d = tmp_path / "tiny-qwen2"
+    d.mkdir()
+    for f in bpe_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special")):
+            (d / f.name).write_bytes(f.read_bytes())
+    cfg = transformers.Qwen2Config(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(1)
+    m = transformers.Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+                mod.bias.normal_(0, 0.5)                   # non-zero q/k/v biases: their names must map too
+    m.save_pretrained(str(d))
+    return d
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_f32_export_reimports_to_the_same_logits(tiny_bpe_llama, tmp_path, own_cache, arch):
+    from bitsmith.importers.gguf import load
+    from bitsmith.models import load_any
+
+    src = tiny_bpe_llama if arch == "llama" else _tiny_qwen2(tiny_bpe_llama, tmp_path)
+    lm = load_any(str(src))
+    out = tmp_path / f"{arch}.gguf"
+    export(lm, "gguf", out, type="F32")
+    ids = torch.tensor([[0, 5, 9, 200, 17, 3, 44, 81]])
+    with torch.no_grad():
+        torch.testing.assert_close(load(out).model(ids).logits, lm.model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 # ---- the real model ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_q4_1_gguf_import_export_is_byte_identical(tmp_path):
@@ -285,6 +337,25 @@ def _ppl(model, windows) -> float:
     from bitsmith.evaluate import score_windows
 
     return score_windows(model, windows)["perplexity"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llamacpp_runs_tiny_exports_like_transformers(tiny_bpe_llama, tmp_path, arch):
+    """llama.cpp itself reads the metadata, tensor names, Q/K permutation and biases the way transformers
+    computes the model (F32, so only arithmetic order differs)."""
+    _llama_cpp()
+    from bitsmith.baselines import LlamaCppModel
+    from bitsmith.models import load_any
+
+    src = tiny_bpe_llama if arch == "llama" else _tiny_qwen2(tiny_bpe_llama, tmp_path)
+    lm = load_any(str(src))
+    out = tmp_path / f"{arch}.gguf"
+    export(lm, "gguf", out, type="F32")
+    ids = torch.tensor([[0, 5, 9, 200, 17, 3, 44, 81]])
+    with torch.no_grad():
+        ref = lm.model(ids).logits
+    got = LlamaCppModel(out, n_ctx=64)(ids)
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-3 * float(ref.abs().max()))
 
 
 @pytest.mark.slow

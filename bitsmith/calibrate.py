@@ -143,6 +143,11 @@ class _Run:
     sequential: bool
     replay: bool = False
 
+    def method_args(self) -> dict:
+        """The recipe's arguments over the method's defaults for this scheme (gptq: act-order at 3 bits)."""
+        defaults = getattr(self.method, "scheme_defaults", None)
+        return {**(defaults(self.scheme) if defaults else {}), **self.args}
+
     def quantize_groups(self, block: nn.Module, groups: list[Group], mods: dict[str, nn.Module],
                         stats: dict[str, dict | None], probe: Callable[[], torch.Tensor], prefix: str) -> list[dict]:
         """Reference RTN errors, the method's optional block transform, then quantize and swap each layer."""
@@ -159,7 +164,7 @@ class _Run:
                 t0 = time.perf_counter()
                 w = weight_2d(mods[n])
                 qw = self.method.quantize(w, stats[n], self.scheme, name=f"{full}.weight", info=notes[n],
-                                          **_args_for(self.method.quantize, self.args))
+                                          **_args_for(self.method.quantize, self.method_args()))
                 # modules are built on the CPU: move the packed one to where its block runs
                 set_submodule(block, n, make_quant_module(mods[n], qw, self.name).to(w.device))
                 err = _out_rel_err(w, dequantize_weight(qw).to(w.device), stats[n])

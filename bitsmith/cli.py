@@ -72,7 +72,11 @@ def cmd_quantize(a: argparse.Namespace) -> int:
             args["act_order"] = True
         if a.damp is not None:
             args["damp"] = a.damp
-        scheme = Scheme(bits=a.bits, group_size=a.group_size, symmetric=a.sym, grid=a.grid)
+        args.update(_w8a8_args(a))
+        bits = a.bits if a.bits is not None else (8 if a.method == "w8a8" else 4)
+        scheme = Scheme(bits=bits, group_size=a.group_size, symmetric=a.sym, grid=a.grid)
+        if a.method == "w8a8":      # weights are symmetric per output channel (W8A8; --bits 4: W4A8)
+            scheme = Scheme(bits=bits, group_size=None, symmetric=True)
         if a.gguf_compatible:       # the GGUF type's own grid, so `bitsmith export --format gguf` repacks losslessly
             from .export.gguf_blocks import gguf_scheme
 
@@ -110,6 +114,23 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         print(f"file {_mb(summary['file_bytes'])}, {size['bits_per_weight']:.3f} bits/weight overall, "
               f"{(size['quantized_bpw'] or 0):.3f} in quantized layers")
     return 0
+
+
+def _w8a8_args(a: argparse.Namespace) -> dict:
+    """method_args of the activation-quantization flags; an error when they are given to another method."""
+    args = {}
+    if a.observer is not None:
+        args["observer"] = a.observer
+    if a.smoothquant is not None:
+        args["smoothquant"] = a.smoothquant
+    if a.dynamic:
+        args["dynamic"] = True
+    if a.reduce_range:
+        args["reduce_range"] = True
+    if args and a.method != "w8a8":
+        raise BitsmithError(f"--observer/--smoothquant/--dynamic/--reduce-range belong to --method w8a8, "
+                            f"not {a.method}")
+    return args
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -290,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save it")
     q.add_argument("model", help="bundled name (smollm2-135m, minilm-l6), HF directory, .gguf file or hub id")
     q.add_argument("--method", default="rtn", help="quantization method (default rtn)")
-    q.add_argument("--bits", type=_bits, default=4, help="bits per weight, 1..8 (default 4)")
+    q.add_argument("--bits", type=_bits, default=None, help="bits per weight, 1..8 (default 4; 8 for w8a8)")
     q.add_argument("--group-size", type=_group_size, default=None,
                    help="input features per scale; -1 = per output channel (default)")
     q.add_argument("--sym", action="store_true", help="symmetric grid (no zero point)")
@@ -298,9 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gguf-compatible", metavar="TYPE", help="quantize on GGUF type TYPE's grid (Q4_0, Q4_1, "
                    "Q5_0, Q5_1, Q8_0: block 32, f16 scales) so a GGUF export keeps the codes; overrides "
                    "--bits/--group-size/--sym")
-    q.add_argument("--mse-clip", action="store_true", help="RTN: search clipping ranges minimising MSE")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by descending Hessian diagonal")
+    q.add_argument("--mse-clip", action="store_true", help="RTN and GPTQ: search clipping ranges minimising MSE "
+                   "(GPTQ: per group as the solve reaches it; the default at <= 3 bits)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by descending Hessian diagonal "
+                   "(the default at <= 3 bits)")
     q.add_argument("--damp", type=float, default=None, help="GPTQ: damping as a fraction of the mean diagonal (0.01)")
+    q.add_argument("--observer", choices=("minmax", "ema", "percentile", "mse", "entropy"), default=None,
+                   help="w8a8: how static activation ranges are chosen from calibration (default minmax)")
+    q.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
+                   help="w8a8: SmoothQuant with migration strength ALPHA in [0, 1] (e.g. 0.5)")
+    q.add_argument("--dynamic", action="store_true", help="w8a8: per-token activation scales at run time")
+    q.add_argument("--reduce-range", action="store_true",
+                   help="w8a8: weights in [-64, 64] (single-pass int8 product on CPUs without VNNI)")
     q.add_argument("--calib-text", help="UTF-8 text for calibration (default: the Python docs, calibration part)")
     q.add_argument("--calib-samples", type=_positive, default=128, help="calibration samples (default 128)")
     q.add_argument("--calib-seq-len", type=_positive, default=512, help="tokens per calibration sample (default 512)")

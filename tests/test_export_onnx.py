@@ -144,27 +144,39 @@ def _digits():
     return mod
 
 
-def test_w8a8_digits_cnn_gives_the_same_predictions_in_onnxruntime(tmp_path):
+@pytest.fixture(scope="module")
+def digits_cnn():
     pytest.importorskip("sklearn", reason="the digits data set needs scikit-learn")
-    digits = _digits()
     torch.manual_seed(0)
-    fp, (xtr, _, xte, yte) = digits.train(seed=0, epochs=10)
+    return _digits().train(seed=0, epochs=10)
+
+
+@pytest.mark.parametrize("how", ["w8a8", "rtn8-minmax"])
+def test_w8a8_digits_cnn_gives_the_same_predictions_in_onnxruntime(digits_cnn, tmp_path, how):
+    """w8a8: bitsmith's own static W8A8 (issue 7: int8 activations with calibrated scales, integer product)
+    carried into QuantizeLinear/DequantizeLinear as it is; rtn8-minmax: 8-bit asymmetric weight-only layers
+    get their activation ranges from the exporter's min-max pass over the calibration batches."""
+    fp, (xtr, _, xte, yte) = digits_cnn
     model = copy.deepcopy(fp)
-    quantize(model, Recipe(method="rtn", scheme=Scheme(bits=8, group_size=None), keep_dtype=None))
-    calib = list(xtr[:512].split(128))
-    res = ox.write(LoadedModel(model, None, "digits", "cnn", None), tmp_path, example=(xtr[:4],), calibration=calib)
+    calib = list(xtr[:256].split(64))
+    if how == "w8a8":
+        quantize(model, Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True), ignore=()),
+                 calib_ids=xtr[:256], batch_size=64)
+    else:
+        quantize(model, Recipe(method="rtn", scheme=Scheme(bits=8, group_size=None), keep_dtype=None))
+    res = ox.write(LoadedModel(model, None, "digits", "cnn", None), tmp_path, example=(xtr[:4],),
+                   calibration=None if how == "w8a8" else calib)
     assert res["mode"] == "qdq" and res["nodes"] == {"QuantizeLinear": 4, "DequantizeLinear": 8}
     got = _run(tmp_path / ox.MODEL_FILE, {"input": xte}).argmax(-1)
     with torch.no_grad():
-        weight_only = model(xte).argmax(-1)
-    # bitsmith's own W8A8 forward: the same stand-ins, run in torch with the same activation ranges
-    names = [n for n, m in model.named_modules() if isinstance(m, _Packed)]
-    undo, _ = ox.swap_for_export(model, "qdq", ox.input_ranges(model, names, model, [(b,) for b in calib]))
-    with torch.no_grad():
-        w8a8 = model(xte).argmax(-1)
-    ox.restore(model, undo)
-    assert (got == w8a8).float().mean() >= 0.99
-    assert (got == weight_only).float().mean() >= 0.99
+        ours = model(xte).argmax(-1)                    # bitsmith's forward (W8A8: its integer kernels)
+    if how == "rtn8-minmax":                            # the W8A8 it becomes: the stand-ins run in torch
+        names = [n for n, m in model.named_modules() if isinstance(m, _Packed)]
+        undo, _ = ox.swap_for_export(model, "qdq", ox.input_ranges(model, names, model, [(b,) for b in calib]))
+        with torch.no_grad():
+            ours = model(xte).argmax(-1)
+        ox.restore(model, undo)
+    assert (got == ours).float().mean() >= 0.99
     assert (got == yte).float().mean() >= 0.9
 
 
@@ -218,13 +230,13 @@ def test_smollm2_w4_as_matmulnbits_matches_bitsmith(smollm2, eval_text, tmp_path
 
 @pytest.mark.slow
 def test_minilm_w8a8_qdq_matches_bitsmith(minilm, eval_text, tmp_path):
-    """W8A8 MiniLM (static per-tensor activations from bitsmith's min-max pass) in ONNX Runtime: sentence
-    embeddings match bitsmith's W8A8 forward (cosine >= 0.999)."""
+    """bitsmith's static W8A8 MiniLM (issue 7's method: calibrated per-tensor int8 activations) in ONNX
+    Runtime: sentence embeddings match bitsmith's own W8A8 forward (cosine >= 0.999)."""
     from bitsmith.evaluate import embed
-    from bitsmith.export.onnx import _EncoderHidden, default_calibration
 
     model = copy.deepcopy(minilm.model)
-    quantize(model, Recipe(method="rtn", scheme=Scheme(bits=8, group_size=None)))
+    quantize(model, Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True)),
+             tokenizer=minilm.tokenizer, n_samples=16, seq_len=128)
     lm = LoadedModel(model, minilm.tokenizer, "minilm-w8a8", "encoder", None)
     res = ox.write(lm, tmp_path)
     assert res["mode"] == "qdq" and res["nodes"]["QuantizeLinear"] >= 24
@@ -237,10 +249,6 @@ def test_minilm_w8a8_qdq_matches_bitsmith(minilm, eval_text, tmp_path):
 
     texts = [p for p in eval_text.split("\n\n") if len(p) > 40][:32]
     got = embed(Runtime(), minilm.tokenizer, texts)
-    names = [n for n, m in model.named_modules() if isinstance(m, _Packed)]
-    ranges = ox.input_ranges(model, names, _EncoderHidden(model), default_calibration(lm))
-    undo, _ = ox.swap_for_export(model, "qdq", ranges)
-    ref = embed(model, minilm.tokenizer, texts)
-    ox.restore(model, undo)
+    ref = embed(model, minilm.tokenizer, texts)              # bitsmith's W8A8 forward (integer product)
     cos = (got * ref).sum(-1)
     assert float(cos.mean()) >= 0.999, cos

@@ -158,7 +158,8 @@ def qdq_weight(qw: QWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     uint8 with their zero points; symmetric ones become int8 (code - 128) with zero 0, the signed form
     ONNX Runtime's integer kernels prefer for weights."""
     s = qw.scheme
-    if s.grid != "int" or s.bits != 8 or qw.scale.shape[1] != 1 or qw.perm is not None or qw.transform:
+    transform = {k: v for k, v in (qw.transform or {}).items() if k != "act_scale"}   # the scale is the input's
+    if s.grid != "int" or s.bits != 8 or qw.scale.shape[1] != 1 or qw.perm is not None or transform:
         raise BitsmithError(f"QDQ export takes plain 8-bit per-channel integer weights (--bits 8 --group-size -1, "
                             f"method rtn/gptq without act-order), got {s.label()}")
     scale = qw.scale.float().reshape(-1)
@@ -173,15 +174,33 @@ def qdq_weight(qw: QWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _qdq(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """QuantizeLinear then DequantizeLinear (uint8 per-tensor): the node pair in the graph, the same math
-    (round half to even, saturate) in torch."""
+    """QuantizeLinear then DequantizeLinear (per-tensor; uint8 or int8 after the zero point's dtype): the
+    node pair in the graph, the same math (round half to even, saturate) in torch."""
     if torch.onnx.is_in_onnx_export():
-        q = torch.onnx.ops.symbolic("::QuantizeLinear", (x, scale, zero), dtype=torch.uint8, shape=x.shape,
+        q = torch.onnx.ops.symbolic("::QuantizeLinear", (x, scale, zero), dtype=zero.dtype, shape=x.shape,
                                     version=DEFAULT_OPSET)
         return torch.onnx.ops.symbolic("::DequantizeLinear", (q, scale, zero), dtype=x.dtype, shape=x.shape,
                                        version=DEFAULT_OPSET)
     z = zero.float()
-    return dequantize(quantize(x, scale, z, IntGrid(8)), scale, z).to(x.dtype)
+    grid = IntGrid(8, signed=zero.dtype == torch.int8)
+    return dequantize(quantize(x, scale, z, grid), scale, z).to(x.dtype)
+
+
+def static_act_qparams(mod: _Packed) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """bitsmith's own static activation scale of a W8A8 module (issue 7: symmetric int8, zero 0) as
+    QuantizeLinear parameters; None for a weight-only module (its range comes from a min-max pass)."""
+    spec = mod.transform_spec or {}
+    if "fp8_act_scale" in spec:
+        raise BitsmithError(f"{type(mod).__name__}: FP8 activations have no int8 QDQ form; export weight-only")
+    if "act_scale" not in spec:
+        return None
+    s = mod.act_scale.reshape(-1)[0].float()
+    if not float(s) > 0:
+        raise BitsmithError("dynamic per-token activation scales have no static QDQ form; quantize with static "
+                            "activation scales (calibrated w8a8) or export weight-only (--option mode=matmulnbits)")
+    # bitsmith clamps codes to +-127, QuantizeLinear to [-128, 127]: they differ only below -127.5 s, outside
+    # the calibrated range
+    return s.reshape(()), torch.zeros((), dtype=torch.int8)
 
 
 class QDQModule(nn.Module):
@@ -233,6 +252,9 @@ def _export_module(name: str, mod: nn.Module, mode: str, ranges: dict | None, no
         if isinstance(mod, Int8MixedLinear):
             notes.append(f"{name}: LLM.int8() layer written weight-only (activations stay float)")
         return MatMulNBitsLinear(mod)
+    own = static_act_qparams(mod)
+    if own is not None:
+        return QDQModule(mod, *own)
     if name not in ranges:
         raise BitsmithError(f"{name}: the calibration data never reached this layer, so it has no activation "
                             "range; pass calibration inputs that run the whole model")
@@ -365,9 +387,12 @@ def write(loaded: LoadedModel, tmp_path: Path, *, mode: str = "auto", opset: int
     graph.eval()
     ranges = None
     if mode == "qdq":
-        names = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
-        batches = calibration if calibration is not None else default_calibration(loaded)
-        ranges = input_ranges(model, names, graph, [b if isinstance(b, tuple) else (b,) for b in batches])
+        names = [n for n, m in model.named_modules()
+                 if isinstance(m, (QuantLinear, QuantConv2d)) and static_act_qparams(m) is None]
+        ranges = {}
+        if names:                            # weight-only layers: static ranges from a min-max pass
+            batches = calibration if calibration is not None else default_calibration(loaded)
+            ranges = input_ranges(model, names, graph, [b if isinstance(b, tuple) else (b,) for b in batches])
     undo, notes = swap_for_export(model, mode, ranges)
     try:
         nbytes = sum(t.numel() * t.element_size() for t in [*graph.parameters(), *graph.buffers()])

@@ -58,11 +58,15 @@ def test_blocks_to_qweight_and_back_is_byte_identical(qtype):
     np.testing.assert_allclose(dequantize_weight(qw).numpy(), ref, rtol=0, atol=1e-6 * float(np.abs(ref).max()))
 
 
-def test_kquant_with_dead_sub_blocks_is_not_called_lossless():
-    w = _weights(2, 256, seed=1)
-    w[1, 40] = 1e4
-    qw = gb.to_qweight(gb.encode(w, "Q4_K"), "Q4_K", (2, 256))
-    assert "factor" in gb.lossless_reason(qw, "Q4_K")
+def test_kquant_constant_sub_block_import_is_flagged(caplog):
+    w = torch.randn(2, 256, generator=torch.Generator().manual_seed(1)) - 1.0   # every sub-block has a min
+    blocks = gb.encode(w, "Q4_K")
+    blocks[:, 4] &= 0xC0        # sub-block 0: 6-bit scale 0, min kept: a constant, which no QWeight holds
+    with caplog.at_level("WARNING"):
+        qw = gb.to_qweight(blocks, "Q4_K", (2, 256))
+    assert "2 Q4_K block(s) hold a constant" in caplog.text
+    ref = gguf.quants.dequantize(blocks.numpy(), Q["Q4_K"])
+    assert np.abs(ref[:, 32:] - dequantize_weight(qw).numpy()[:, 32:]).max() < 1e-5    # the rest is exact
 
 
 @pytest.mark.parametrize("qtype,floor", [("Q4_K", 20.0), ("Q5_K", 26.0), ("Q6_K", 32.0)])

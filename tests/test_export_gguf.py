@@ -251,6 +251,32 @@ def test_cli_exports_a_bitsmith_checkpoint_losslessly(tiny_bpe_llama, tmp_path, 
     assert {r["type"] for n, r in summary["tensors"].items() if n.startswith("blk.")} == {"Q4_1"}
 
 
+def test_runtime_transform_layer_is_re_encoded_with_its_transform_folded(tiny_bpe_llama, tmp_path):
+    import dataclasses
+
+    from bitsmith.apply import quantize_model
+    from bitsmith.models import load_any
+    from bitsmith.nn import QuantLinear
+    from bitsmith.recipe import Recipe
+    from bitsmith.select import set_submodule
+
+    lm = load_any(str(tiny_bpe_llama))
+    quantize_model(lm.model, Recipe(scheme=gb.gguf_scheme("Q8_0")), progress=False)
+    name = "model.layers.0.mlp.up_proj"
+    qw = lm.model.get_submodule(name).qweight()
+    scaled = dataclasses.replace(qw, transform={"input_scale": torch.linspace(0.5, 2.0, qw.shape[1])})
+    set_submodule(lm.model, name, QuantLinear.from_qweight(scaled))         # AWQ's InputScaledLinear
+    out = tmp_path / "t.gguf"
+    s = export(lm, "gguf", out)
+    rep = s["tensors"]["blk.0.ffn_up.weight"]
+    assert rep["path"] == "re-encoded" and rep["sqnr_db"] > 35 and s["lossless"] == 13
+    assert any("up_proj" in w and "SQNR" in w for w in s["warnings"])
+    t = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.ffn_up.weight")
+    got = gguf.quants.dequantize(t.data, t.tensor_type)
+    want = dequantize_weight(scaled).numpy()
+    assert 10 * np.log10((want ** 2).sum() / ((want - got) ** 2).sum()) > 35
+
+
 def test_failed_write_leaves_no_file(tiny_bpe_llama, tmp_path, monkeypatch):
     from bitsmith.models import load_any
 

@@ -142,9 +142,8 @@ def _module_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor | None, QW
     for mname, mod in model.named_modules():
         prefix = f"{mname}." if mname else ""
         if isinstance(mod, (QuantLinear, QuantEmbedding)):
-            if type(mod) not in (QuantLinear, QuantEmbedding):
-                raise BitsmithError(f"{mname}: {type(mod).__name__} applies a run-time transform that GGUF "
-                                    "cannot express; quantize without it to export to GGUF")
+            # Run-time transforms (AWQ input scale, Hadamard) have no GGUF form: lossless_reason sends such
+            # layers to the re-encode path, whose dequantize_weight folds the transform into W.
             out[prefix + "weight"] = (None, mod.qweight())
             if getattr(mod, "bias", None) is not None:
                 out[prefix + "bias"] = (mod.bias, None)

@@ -105,3 +105,19 @@ def test_smollm2_w4_loads_in_mlx_lm(smollm2, tmp_path):
     lm = LoadedModel(model, smollm2.tokenizer, "smollm2-w4", "causal-lm", None)
     ids = smollm2.tokenizer("The Python tutorial explains", return_tensors="pt")["input_ids"]
     _load_and_compare(lm, tmp_path, ids, 8, 1e-4)
+
+
+def test_cli_exports_a_checkpoint_and_bad_options_are_one_line_errors(tiny_llama, tmp_path, capsys):
+    import bitsmith
+    from bitsmith.models import load_model
+    from tests.helpers import one_line_error, run_cli
+
+    lm = load_model(str(tiny_llama))
+    quantize(lm.model, Recipe(method="rtn", scheme=Scheme(bits=4, group_size=32)))
+    ckpt = bitsmith.save(lm.model, tmp_path / "q", tokenizer=lm.tokenizer)
+    code, out, _ = run_cli(["export", ckpt, "--format", "mlx", "-o", tmp_path / "mlx", "--json"], capsys)
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["quantized_layers"] == 14
+    assert (tmp_path / "mlx" / "model.safetensors").is_file() and (tmp_path / "mlx" / "tokenizer.json").is_file()
+    code, _, err = run_cli(["export", ckpt, "--format", "mlx", "-o", tmp_path / "m2", "--option", "dtype=int7"], capsys)
+    one_line_error(code, err, "dtype")
+    assert not (tmp_path / "m2").exists()

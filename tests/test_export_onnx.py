@@ -22,7 +22,7 @@ onnx = pytest.importorskip("onnx", reason="needs onnx: pip install 'bitsmith[onn
 ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime: pip install 'bitsmith[onnx]'")
 pytest.importorskip("onnxscript", reason="torch.onnx's exporter needs onnxscript: pip install 'bitsmith[onnx]'")
 
-from bitsmith.export import onnx as ox  # noqa: E402
+from bitsmith.export import onnx as ox
 
 
 def _qw(n: int, k: int, scheme: Scheme, seed: int = 0) -> QWeight:

@@ -36,7 +36,7 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     (little-endian words, as the package's own packing produces on every machine torch runs on)."""
     if sys.byteorder != "little":  # pragma: no cover - torch has no big-endian CPU builds in practice
         raise BitsmithError("compressed-tensors export needs a little-endian machine")
-    rows, cols = codes.shape
+    cols = codes.shape[1]
     words = -(-cols * bits // 32)
     packed = pack(codes.to(torch.uint8), bits)                          # (R, ceil(C*bits/8)) uint8
     return F.pad(packed, (0, 4 * words - packed.shape[1])).contiguous().view(torch.int32)
@@ -45,7 +45,7 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def weight_args(qw: QWeight) -> dict[str, Any]:
     """The `weights` QuantizationArgs of a layer (what its config group says)."""
     s = qw.scheme
-    n, k = qw.codes.shape
+    k = qw.codes.shape[1]
     groups = qw.scale.shape[1]
     g = min(qw.group_size, k)
     args: dict[str, Any] = {"num_bits": s.bits, "type": "int", "symmetric": qw.zero is None, "dynamic": False}

@@ -42,7 +42,7 @@ def mlx_group_size(k: int, g: int, name: str = "weight") -> int:
 def mlx_tensors(qw: QWeight, dtype: torch.dtype = torch.float16, name: str = "weight") -> dict[str, Any]:
     """QWeight (int grid) -> {"weight" uint32 (N, K*bits/32), "scales", "biases" (N, K/gm), "group_size"}."""
     s = qw.scheme
-    n, k = qw.codes.shape
+    k = qw.codes.shape[1]
     if s.grid != "int" or s.bits not in MLX_BITS:
         raise BitsmithError(f"{name}: MLX quantizes {', '.join(map(str, MLX_BITS))}-bit integer weights, got "
                             f"{s.label()}")

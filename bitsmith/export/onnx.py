@@ -25,7 +25,15 @@ from torch import nn
 
 from ..errors import BitsmithError
 from ..models import LoadedModel
-from ..nn import HadamardLinear, Int8MixedLinear, InputScaledLinear, QuantConv2d, QuantEmbedding, QuantLinear, _Packed
+from ..nn import (
+    HadamardLinear,
+    InputScaledLinear,
+    Int8MixedLinear,
+    QuantConv2d,
+    QuantEmbedding,
+    QuantLinear,
+    _Packed,
+)
 from ..numerics import IntGrid
 from ..packing import pack
 from ..primitives import QWeight, choose_qparams, dequantize, quantize, symmetric_zero
@@ -44,7 +52,7 @@ EXTERNAL_BYTES = 1 << 30      # above this, initializers go to model.onnx.data (
 
 def _require_onnx() -> Any:
     try:
-        import onnx  # noqa: F401
+        import onnx
         import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it)
     except ImportError as err:
         raise BitsmithError(f"ONNX export needs onnx and onnxscript: {EXTRA}") from err

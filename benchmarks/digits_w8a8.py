@@ -2,7 +2,7 @@
 deterministic, seconds on CPU).
 
 Rows: FP32; W8A8 static PTQ (int8 per-channel weights, int8 per-tensor activations calibrated on 256
-training images, min-max observer) and dynamic; W4A8 PTQ (4-bit symmetric per-channel weights); W4A8 QAT
+training images, min-max observer) and dynamic; W4A8, W3A8, W2A8 PTQ (symmetric per-channel weights); W4A8 QAT
 (fake-quant fine-tune from the FP32 model, `epochs` epochs, then `convert`) with and without LSQ scales;
 W2A8 QAT (2-bit symmetric = {-1, 0, +1} x scale). Each quantized row is saved and reloaded; "reloads"
 says whether the logits came back bit-identical.
@@ -74,6 +74,8 @@ def run(seed: int = 0, epochs: int = 3, rows: tuple[str, ...] | None = None) -> 
         "w8a8 static (minmax)": lambda: ptq(model, xtr, 8),
         "w8a8 dynamic": lambda: ptq(model, xtr, 8, dynamic=True),
         "w4a8 ptq": lambda: ptq(model, xtr, 4),
+        "w3a8 ptq": lambda: ptq(model, xtr, 3),
+        "w2a8 ptq": lambda: ptq(model, xtr, 2),
         "w4a8 qat": lambda: qat(model, data, 4, epochs),
         "w4a8 qat lsq": lambda: qat(model, data, 4, epochs, lsq=True),
         "w2a8 qat": lambda: qat(model, data, 2, epochs),

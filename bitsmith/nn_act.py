@@ -74,18 +74,18 @@ def use_kernel(x: torch.Tensor) -> bool:
 
 def int8_rows(mod, q: torch.Tensor, kernel: bool) -> torch.Tensor:
     """q (M, K) integer codes (float) -> (M, N) float32 = (q W8^T) * s_w, exact sums either way."""
-    w8, sw = _int8_weight(mod)
     if kernel:
-        return cpu_w8a8.matmul_scaled(q.contiguous(), _pack(mod, w8, sw))
+        return cpu_w8a8.matmul_scaled(q.contiguous(), _pack(mod))
+    w8, sw = _int8_weight(mod)
     return int8_matmul_reference(q.to(torch.int8), w8.t()).float() * sw
 
 
-def _pack(mod, w8: torch.Tensor, sw: torch.Tensor) -> cpu_w8a8.Pack:
+def _pack(mod) -> cpu_w8a8.Pack:
     """The module's fbgemm weight, built on first use and rebuilt when its codes or scales change."""
     key = (mod.qcodes.data_ptr(), mod.qcodes._version, mod.scale.data_ptr(), mod.scale._version)
     hit = mod.__dict__.get("_w8a8_pack")
     if hit is None or hit[0] != key:
-        hit = (key, cpu_w8a8.pack(w8, sw))
+        hit = (key, cpu_w8a8.pack(*_int8_weight(mod)))
         mod.__dict__["_w8a8_pack"] = hit
     return hit[1]
 

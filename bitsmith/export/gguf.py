@@ -101,10 +101,11 @@ def permute_rows(qw: QWeight, idx: torch.Tensor) -> QWeight:
                    qw.transform)
 
 
-def _sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    err = float(((ref - approx) ** 2).sum())
-    sig = float((ref ** 2).sum())
-    return math.inf if err == 0 else 10 * math.log10(max(sig, 1e-30) / err)
+def _sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float | None:
+    """Signal-to-quantization-noise ratio in dB, rounded to 0.01; None when approx is exact (JSON has no inf)."""
+    err = float(((ref.float() - approx.float()) ** 2).sum())
+    sig = float((ref.float() ** 2).sum())
+    return None if err == 0 else round(10 * math.log10(max(sig, 1e-30) / err), 2)
 
 
 def encode_tensor(w: torch.Tensor | None, qw: QWeight | None, gtype: str, name: str) -> tuple[Any, str, dict]:
@@ -114,7 +115,12 @@ def encode_tensor(w: torch.Tensor | None, qw: QWeight | None, gtype: str, name: 
 
     if qw is not None and gtype in gb.BLOCK_TYPES and gb.lossless_reason(qw, gtype) is None:
         data = gb.from_qweight(qw, gtype)
-        return data.numpy(), gtype, {"type": gtype, "path": "lossless"}
+        rep = {"type": gtype, "path": "lossless"}
+        if qw.zero is not None:      # codes and scales exact; the min -zero*scale is stored at the type's precision
+            from ..primitives import dequantize_weight
+
+            rep["sqnr_db"] = _sqnr_db(dequantize_weight(qw), gb.dequantize_blocks(data, gtype, qw.shape))
+        return data.numpy(), gtype, rep
     if w is None:
         from ..primitives import dequantize_weight
 
@@ -301,7 +307,7 @@ def write(loaded: Any, tmp_path: Path, *, type: str | None = None) -> dict:  # n
         data, gtype, rep = encode_tensor(w, qw, gtype, hf_name)
         if rep["path"] == "re-encoded":
             warnings.append(f"{hf_name}: re-encoded as {gtype} from dequantized weights ({rep['why']}); "
-                            f"SQNR {rep['sqnr_db']:.1f} dB")
+                            f"SQNR {rep['sqnr_db'] if rep['sqnr_db'] is not None else 'exact'} dB")
         report[gname] = rep
         raw = None if gtype in FLOAT_TYPES else gguf.GGMLQuantizationType[gtype]
         if gtype == "BF16":

@@ -1,5 +1,5 @@
 """Issue 5's SmolLM2-135M accuracy table: NF4 (+ double quant), LLM.int8(), incoherence and `quip`
-(incoherence + GPTQ) against RTN and GPTQ alone, at 8, 4, 3 and 2 bits.
+(incoherence + GPTQ) against RTN and GPTQ alone, at 8, 4, 3 and 2 bits, and HQQ at 3 bits.
 
 Held-out default text, perplexity at seq-len 1024 over 4096 tokens (4 windows), every decoder linear
 quantized (lm_head and the tied embedding stay float16, as in every bitsmith recipe). Calibrated methods
@@ -39,8 +39,9 @@ ROWS: dict[str, tuple] = {      # label: (method, scheme[, method_args])
     "llm_int8": ("llm_int8", INT8),                                  # threshold 6.0, the paper's default
     "llm_int8-t3": ("llm_int8", INT8, {"threshold": 3.0}),
     "rtn-w8pc": ("rtn", Scheme(bits=8, group_size=None)),
-    "nf4-g64-dq": ("nf4", G64[4]),                                   # absmax scales, as bitsandbytes
-    "nf4-g64-dq-search": ("nf4", G64[4], {"scale_search": True}),
+    "nf4-g64-dq": ("nf4", G64[4]),                                   # w^2-weighted scale search (default)
+    "nf4-g64-dq-absmax": ("nf4", G64[4], {"scale_search": False}),   # absmax scales, as bitsandbytes
+    "nf4-g64-dq-search-unweighted": ("nf4", G64[4], {"search_power": 0.0}),
     "rtn-w4g64": ("rtn", G64[4]),
     "gptq-w3g64": ("gptq", G64[3]),
     "quip-w3g64": ("quip", G64[3]),
@@ -49,6 +50,8 @@ ROWS: dict[str, tuple] = {      # label: (method, scheme[, method_args])
     "quip-noclip-w3g64": ("quip", G64[3], {"clip": False}),
     "quip-noclip-w2g64": ("quip", G64[2], {"clip": False}),
     "rtn-w3g64": ("rtn", G64[3]),
+    "hqq-w3g64": ("hqq", G64[3]),                                    # integer zero + fitted scale (default <= 3 bits)
+    "hqq-w3g64-fraczero": ("hqq", G64[3], {"integer_zero": False}),  # HQQ's fractional zero, as the package
     "incoherence-w3g64": ("incoherence", G64[3]),
     "rtn-w2g64": ("rtn", G64[2]),
     "incoherence-w2g64": ("incoherence", G64[2]),

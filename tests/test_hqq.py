@@ -40,11 +40,35 @@ def test_per_group_error_below_rtn_on_student_t(bits):
 
 
 def test_optimize_scale_lowers_the_error_further():
+    """On HQQ's fractional-zero path (the 4-bit default; at 3 bits only with integer_zero=False)."""
     w = student_t(128, 512, seed=1)
     scheme = Scheme(bits=3, group_size=64)
-    l1_zero, _ = group_errors(w, hqq.quantize(w, None, scheme), 64)
-    l1_both, _ = group_errors(w, hqq.quantize(w, None, scheme, optimize_scale=True), 64)
+    l1_zero, _ = group_errors(w, hqq.quantize(w, None, scheme, integer_zero=False), 64)
+    l1_both, _ = group_errors(w, hqq.quantize(w, None, scheme, integer_zero=False, optimize_scale=True), 64)
     assert l1_both.mean() < l1_zero.mean()
+
+
+def test_three_bit_keeps_zero_exact_for_a_massive_channel():
+    """Why 3-bit HQQ holds its zero point to an integer: in SmolLM2 a few input channels carry activations
+    ~100x the rest while their weights are tiny. A fractional zero puts w = 0 between two levels, so those
+    tiny weights get errors of a quarter step, which the massive channel multiplies (HQQ-3's perplexity was
+    143 against RTN-3's 58). With the integer zero they round to exactly 0; the fitted scale then beats RTN."""
+    g = torch.Generator().manual_seed(5)
+    w = 0.02 * torch.randn(256, 512, generator=g)
+    w[:, 7] = 0.001 * torch.randn(256, generator=g)                 # tiny weights on the massive channel
+    x = torch.randn(64, 512, generator=g)
+    x[:, 7] = 100.0                                                  # the massive channel, in every token
+    scheme = Scheme(bits=3, group_size=64)
+
+    def out_err(qw) -> float:
+        return float(((x @ (dequantize_weight(qw) - w).t()).norm() / (x @ w.t()).norm()))
+
+    fixed, frac = hqq.quantize(w, None, scheme), hqq.quantize(w, None, scheme, integer_zero=False)
+    e_fixed, e_frac, e_rtn = out_err(fixed), out_err(frac), out_err(rtn.quantize(w, None, scheme))
+    print(f"3-bit output error: hqq (integer zero) {e_fixed:.3f}, hqq fractional zero {e_frac:.3f}, rtn {e_rtn:.3f}")
+    assert torch.equal(fixed.zero, fixed.zero.round())
+    assert e_frac > 2 * e_fixed
+    assert e_fixed < e_rtn
 
 
 @pytest.mark.parametrize("k,g", [(100, 64), (33, None), (576, 128)])

@@ -366,7 +366,7 @@ def _quantized_copy(lm, method: str, **calib):
 def _ppl(model, windows) -> float:
     from bitsmith.evaluate import score_windows
 
-    return score_windows(model, windows)["perplexity"]
+    return score_windows(model, windows)["ppl"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -386,6 +386,36 @@ def test_llamacpp_runs_tiny_exports_like_transformers(tiny_bpe_llama, tmp_path, 
         ref = lm.model(ids).logits
     got = LlamaCppModel(out, n_ctx=64)(ids)
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-3 * float(ref.abs().max()))
+
+
+def test_tensor_types_equal_llama_quantize(tiny_bpe_llama, tmp_path):
+    """Per-tensor types of bitsmith's K-quant mixes are the ones llama.cpp's own llama_model_quantize picks."""
+    import ctypes
+
+    llama_cpp = _llama_cpp()
+    from bitsmith.models import load_any
+
+    d = tmp_path / "deep"
+    d.mkdir()
+    for f in tiny_bpe_llama.iterdir():
+        if f.name.startswith(("tokenizer", "special")):
+            (d / f.name).write_bytes(f.read_bytes())
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=16,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(d))
+    lm = load_any(str(d))
+    export(lm, "gguf", tmp_path / "f32.gguf", type="F32")
+    for ftype in ("Q4_K_M", "Q4_K_S"):          # (the Q5_K_M, Q4_0, Q4_1, Q6_K, Q8_0 mixes matched too)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+        params.nthread = 1
+        theirs_path = tmp_path / f"theirs-{ftype}.gguf"
+        assert llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(), str(theirs_path).encode(),
+                                              ctypes.byref(params)) == 0
+        theirs = {t.name: t.tensor_type.name for t in gguf.GGUFReader(theirs_path).tensors if len(t.shape) > 1}
+        mine = export(lm, "gguf", tmp_path / f"mine-{ftype}.gguf", type=ftype)["tensors"]
+        assert {k: r["type"] for k, r in mine.items()} == theirs, ftype
 
 
 @pytest.mark.slow

@@ -58,10 +58,13 @@ def tensor_type(ftype: str, gguf_name: str, k: int, n_layers: int, *, is_output:
     t = base_type(ftype)
     if is_output and ftype != "Q8_0":
         t = "Q6_K"
-    elif ftype.endswith("_M"):
+    elif ftype.endswith("_M") or ftype == "Q4_K_S":
         layer = int(gguf_name.split(".")[1]) if gguf_name.startswith("blk.") else -1
-        if (".attn_v." in gguf_name or ".ffn_down." in gguf_name) and _more_bits(layer, n_layers):
+        v, down = ".attn_v." in gguf_name, ".ffn_down." in gguf_name
+        if ftype.endswith("_M") and (v or down) and _more_bits(layer, n_layers):
             t = "Q6_K"
+        elif ftype == "Q4_K_S" and ((v and layer < n_layers // 4) or (down and layer < n_layers // 8)):
+            t = "Q5_K"
     if k % gb.BLOCK_TYPES[t].block_size:
         t = K_FALLBACK.get(t, t)
     if k % gb.BLOCK_TYPES[t].block_size:

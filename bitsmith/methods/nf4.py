@@ -67,23 +67,24 @@ def search_scale(w: torch.Tensor, absmax: torch.Tensor, grid: str, g: int, *, mi
     sum |w|^power (w - Q(w))^2 against the nearest codebook levels (power 0: plain squared error). (N, G)"""
     n, k = w.shape
     wg = to_groups(w, g)                                                    # (N, G, g), zero padded
+    u = wg / absmax.unsqueeze(-1)                                           # blocks in absmax units, |u| <= 1
     book = codebook(grid).to(w.device)
-    # |w|^power weights the error toward the large weights (padding is 0, so it adds no error either way)
+    mids = (book[1:] + book[:-1]) / 2
+    # |w|^power weights the error toward the large weights (padding is 0, so it adds no error either way).
+    # Errors are compared in absmax units: a per-block constant factor, so the same argmin.
     weight = wg.abs().pow(power) if power > 0 else group_mask(k, g, w.device).expand_as(wg)   # (N, G, g)
-    best, best_err = absmax, None
+    best_f, best_err = torch.ones_like(absmax), None
     for i in range(steps):
         f = 1.0 - (1.0 - min_factor) * i / max(steps - 1, 1)
-        scale = absmax * f
-        codes = codebook_codes(w, scale, grid, g)                           # (N, K)
-        dq = book[to_groups(codes, g).long()] * scale.unsqueeze(-1)         # (N, G, g)
-        err = (dq - wg).pow_(2).mul_(weight).sum(-1)                        # (N, G)
+        q = book[torch.bucketize(u / f, mids)] * f                         # nearest level, in absmax units
+        err = (q - u).pow_(2).mul_(weight).sum(-1)                          # (N, G)
         if best_err is None:
             best_err = err
             continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best = torch.where(better, scale, best)
-    return best
+        best_f = torch.where(better, f, best_f)
+    return absmax * best_f
 
 
 def nf4_scheme(scheme: Scheme) -> Scheme:

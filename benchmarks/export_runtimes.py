@@ -4,6 +4,7 @@ numbers are to bitsmith's own forward of the same quantized model.
   onnx-matmulnbits  SmolLM2-135M, RTN 4-bit g64: ONNX Runtime perplexity vs bitsmith's on the same windows,
                     greedy tokens of a prompt, export seconds, file size
   onnx-qdq          MiniLM-L6, bitsmith's static W8A8 (issue 7): embedding cosine ORT vs bitsmith
+                    (-reduce-range: 7-bit weights, which ORT's int8 kernels multiply exactly without VNNI)
   compressed-tensors SmolLM2-135M, RTN 4-bit g64 symmetric: transformers (+ compressed-tensors) logits vs bitsmith
   mlx               SmolLM2-135M, RTN 4-bit g64: mlx-lm logits and greedy tokens vs bitsmith
 
@@ -76,7 +77,7 @@ def onnx_matmulnbits(tokens: int, seq_len: int) -> dict:
                 "greedy_equal": g_ours == g_ort, "greedy_text": lm.tokenizer.decode(g_ort[ids.shape[1]:])}
 
 
-def onnx_qdq(samples: int) -> dict:
+def onnx_qdq(samples: int, reduce_range: bool) -> dict:
     import onnxruntime as ort
 
     from bitsmith.evaluate import embed
@@ -84,8 +85,9 @@ def onnx_qdq(samples: int) -> dict:
 
     lm = load_model("minilm-l6")
     fp = copy.deepcopy(lm.model)
-    bitsmith.quantize(lm.model, Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True)),
-                      tokenizer=lm.tokenizer, n_samples=16, seq_len=128)
+    recipe = Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True),
+                    method_args={"reduce_range": reduce_range})
+    bitsmith.quantize(lm.model, recipe, tokenizer=lm.tokenizer, n_samples=16, seq_len=128)
     texts = [p for p in load_text(None)[1].split("\n\n") if len(p) > 40][:samples]
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
@@ -102,7 +104,7 @@ def onnx_qdq(samples: int) -> dict:
         size = _size(Path(d) / "onnx")
     ours, ref = embed(lm.model, lm.tokenizer, texts), embed(fp, lm.tokenizer, texts)
     cos, cos_fp = (got * ours).sum(-1), (got * ref).sum(-1)
-    return {"row": "onnx-qdq", "model": "minilm-l6 w8a8 static", "export_s": round(secs, 1), "size_mb": round(size, 1),
+    return {"row": "onnx-qdq", "model": f"minilm-l6 w8a8 static{' reduce_range' if reduce_range else ''}", "export_s": round(secs, 1), "size_mb": round(size, 1),
             "nodes": res["nodes"], "cosine_vs_bitsmith_mean": float(cos.mean()), "cosine_vs_bitsmith_min": float(cos.min()),
             "cosine_vs_fp32_mean": float(cos_fp.mean()), "texts": len(texts)}
 
@@ -154,7 +156,7 @@ def mlx() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="onnx-matmulnbits,onnx-qdq,compressed-tensors,mlx")
+    ap.add_argument("--rows", default="onnx-matmulnbits,onnx-qdq,onnx-qdq-reduce-range,compressed-tensors,mlx")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--json")
@@ -164,8 +166,8 @@ def main() -> None:
     for row in a.rows.split(","):
         if row == "onnx-matmulnbits":
             rows.append(onnx_matmulnbits(a.tokens, a.seq_len))
-        elif row == "onnx-qdq":
-            rows.append(onnx_qdq(64))
+        elif row in ("onnx-qdq", "onnx-qdq-reduce-range"):
+            rows.append(onnx_qdq(64, reduce_range=row.endswith("range")))
         elif row == "compressed-tensors":
             rows.append(compressed_tensors())
         elif row == "mlx":

@@ -92,6 +92,9 @@ def test_mlx_lm_loads_the_export_and_generates_the_same_tokens(tiny_llama, tmp_p
     prompt = torch.randint(0, 30522, (1, 9), generator=torch.Generator().manual_seed(bits))
     res = _load_and_compare(lm, tmp_path, prompt, 4, 1e-5)
     cfg = json.loads((tmp_path / "config.json").read_text())
+    rp = getattr(lm.model.config, "rope_parameters", None) or {}
+    if "rope_theta" in rp:                       # mlx-lm reads the top-level key (transformers 5 nests it)
+        assert cfg["rope_theta"] == rp["rope_theta"]
     q = cfg["quantization"]
     assert (q["group_size"], q["bits"]) == (min(group, 64), bits) and res["quantized_layers"] == 14
     # down_proj (K = 160) takes 32-column MLX groups when 64 does not divide K: a per-layer override
@@ -121,3 +124,12 @@ def test_cli_exports_a_checkpoint_and_bad_options_are_one_line_errors(tiny_llama
     code, _, err = run_cli(["export", ckpt, "--format", "mlx", "-o", tmp_path / "m2", "--option", "dtype=int7"], capsys)
     one_line_error(code, err, "dtype")
     assert not (tmp_path / "m2").exists()
+
+
+def test_nested_rope_parameters_are_written_where_mlx_lm_reads_them():
+    assert mlx_export.legacy_rope({"rope_parameters": {"rope_theta": 1e5, "rope_type": "default"}}) == {
+        "rope_theta": 1e5}
+    scaled = {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}
+    assert mlx_export.legacy_rope({"rope_parameters": scaled}) == {
+        "rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    assert mlx_export.legacy_rope({"rope_theta": 1e4}) == {}

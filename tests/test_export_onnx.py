@@ -235,8 +235,11 @@ def test_minilm_w8a8_qdq_matches_bitsmith(minilm, eval_text, tmp_path):
     from bitsmith.evaluate import embed
 
     model = copy.deepcopy(minilm.model)
-    quantize(model, Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True)),
-             tokenizer=minilm.tokenizer, n_samples=16, seq_len=128)
+    # reduce_range (weights in [-64, 64]): ONNX Runtime's u8s8 int8 kernels saturate 16-bit pair sums on
+    # x86 CPUs without VNNI (this machine: AVX2), the same limit fbgemm has; full-range weights measured
+    # cosine 0.988 there (benchmarks/export_runtimes.py), with reduce_range the runtime is exact
+    quantize(model, Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True),
+                           method_args={"reduce_range": True}), tokenizer=minilm.tokenizer, n_samples=16, seq_len=128)
     lm = LoadedModel(model, minilm.tokenizer, "minilm-w8a8", "encoder", None)
     res = ox.write(lm, tmp_path)
     assert res["mode"] == "qdq" and res["nodes"]["QuantizeLinear"] >= 24

@@ -62,6 +62,18 @@ def mlx_tensors(qw: QWeight, dtype: torch.dtype = torch.float16, name: str = "we
             "scales": scale.to(dtype), "biases": (-scale * zero).to(dtype), "group_size": gm, "bits": s.bits}
 
 
+def legacy_rope(cfg: dict[str, Any]) -> dict[str, Any]:
+    """transformers >= 5 keeps rope_theta (and any scaling) inside `rope_parameters`; mlx-lm's model args
+    read the top-level `rope_theta` / `rope_scaling` and would silently fall back to theta 10000."""
+    rp = cfg.get("rope_parameters")
+    if not isinstance(rp, dict) or "rope_theta" not in rp:
+        return {}
+    out: dict[str, Any] = {"rope_theta": rp["rope_theta"]}
+    if rp.get("rope_type", "default") != "default":
+        out["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    return out
+
+
 def write(loaded: LoadedModel, tmp_path: Path, *, dtype: str = "float16") -> dict:
     """Write model.safetensors + config.json (with `quantization`) + tokenizer under tmp_path. dtype: the
     float type of scales, biases and unquantized tensors (float16 as mlx-lm's own conversions; float32
@@ -89,6 +101,7 @@ def write(loaded: LoadedModel, tmp_path: Path, *, dtype: str = "float16") -> dic
     gs, bits = max(counts, key=counts.get)                                  # the most common setting
     default = {"group_size": gs, "bits": bits}
     cfg["quantization"] = {**default, **{n: v for n, v in per_layer.items() if v != default}}  # per-layer overrides
+    cfg.update(legacy_rope(cfg))
     write_dir(tmp_path, loaded, state, cfg, "mlx")
     return {"format": "mlx", "quantization": default, "quantized_layers": len(per_layer),
             "overrides": len(cfg["quantization"]) - 2, "dtype": dtype, "tied": aliases, "notes": notes}

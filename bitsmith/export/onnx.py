@@ -73,6 +73,12 @@ def _export_module(name: str, mod: nn.Module, mode: str, ranges: dict | None, no
         return MatMulNBitsLinear(mod)
     own = static_act_qparams(mod)
     if own is not None:
+        codes = mod.qweight().codes
+        if int(codes.max()) > 128 + 64 or int(codes.min()) < 128 - 64:
+            note = ("full-range int8 weights: ONNX Runtime's int8 kernels saturate on x86 CPUs without VNNI; "
+                    "quantize with w8a8 reduce_range for exact results there")
+            if note not in notes:
+                notes.append(note)
         return QDQModule(mod, *own)
     if name not in ranges:
         raise BitsmithError(f"{name}: the calibration data never reached this layer, so it has no activation "

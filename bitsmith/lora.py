@@ -178,7 +178,7 @@ def finetune(model: nn.Module, batches: torch.Tensor, *, steps: int, batch_size:
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if on_step is not None:
                 on_step(step, losses[-1])
     finally:

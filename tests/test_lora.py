@@ -125,3 +125,27 @@ def test_finetune_tiny_llama_lowers_loss(tiny_llama):
     with torch.no_grad():
         after = float(causal_lm_loss(model, ids))
     assert after < before - 0.1 and len(losses) == 30
+
+
+@pytest.mark.slow
+def test_qlora_smollm2_lowers_heldout_perplexity(smollm2, eval_text):
+    """A few adapter steps on the calibration part of the default text lower the held-out perplexity of
+    the NF4 base (a small slice of benchmarks/qlora.py, which measures the full-size run)."""
+    import copy
+
+    from bitsmith.evaluate import perplexity
+    from bitsmith.models import calibration_samples, load_text
+    from bitsmith.size import size_report
+
+    model = copy.deepcopy(smollm2.model)
+    quantize(model, NF4)
+    assert abs(size_report(model)["quantized_bpw"] - 4.127) < 1e-3
+    ppl = lambda: perplexity(model, smollm2.tokenizer, eval_text, seq_len=256, max_tokens=512)["ppl"]  # noqa: E731
+    with torch.no_grad():
+        base = ppl()
+    add_lora(model, LoraConfig(rank=8, alpha=16))
+    windows = calibration_samples(smollm2.tokenizer, load_text(None)[0], n_samples=16, seq_len=128)
+    finetune(model, windows, steps=8, batch_size=2, lr=2e-3)
+    with torch.no_grad():
+        tuned = ppl()
+    assert tuned < 0.97 * base, (base, tuned)

@@ -400,7 +400,7 @@ def test_tensor_types_equal_llama_quantize(tiny_bpe_llama, tmp_path):
     for f in tiny_bpe_llama.iterdir():
         if f.name.startswith(("tokenizer", "special")):
             (d / f.name).write_bytes(f.read_bytes())
-    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=16,
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=256, num_hidden_layers=8,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                    tie_word_embeddings=False)
     transformers.LlamaForCausalLM(cfg).save_pretrained(str(d))

@@ -63,7 +63,7 @@ def tensor_type(ftype: str, gguf_name: str, k: int, n_layers: int, *, is_output:
         v, down = ".attn_v." in gguf_name, ".ffn_down." in gguf_name
         if ftype.endswith("_M") and (v or down) and _more_bits(layer, n_layers):
             t = "Q6_K"
-        elif ftype == "Q4_K_S" and ((v and layer < n_layers // 4) or (down and layer < n_layers // 8)):
+        elif ftype == "Q4_K_S" and ((v and layer < 4) or (down and layer < n_layers // 8)):
             t = "Q5_K"
     if k % gb.BLOCK_TYPES[t].block_size:
         t = K_FALLBACK.get(t, t)

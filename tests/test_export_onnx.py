@@ -256,4 +256,4 @@ def test_minilm_w8a8_qdq_matches_bitsmith(minilm, eval_text, tmp_path):
     got = embed(Runtime(), minilm.tokenizer, texts)
     ref = embed(model, minilm.tokenizer, texts)              # bitsmith's W8A8 forward (integer product)
     cos = (got * ref).sum(-1)
-    assert float(cos.mean()) >= 0.99 and float(cos.median()) >= 0.999, cos
+    assert float(cos.mean()) >= 0.99 and float(cos.min()) >= 0.95, cos

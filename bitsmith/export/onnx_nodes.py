@@ -171,7 +171,8 @@ def static_act_qparams(mod: _Packed) -> tuple[torch.Tensor, torch.Tensor] | None
         raise BitsmithError("dynamic per-token activation scales have no static QDQ form; quantize with static "
                             "activation scales (calibrated w8a8) or export weight-only (--option mode=matmulnbits)")
     # bitsmith clamps codes to +-127, QuantizeLinear to [-128, 127]: they differ only below -127.5 s, outside
-    # the calibrated range
+    # the calibrated range (a Clip before QuantizeLinear would close that gap, but torch.onnx's optimizer
+    # emitted an unsorted graph for it with onnxscript 0.7.2)
     return s.reshape(()), torch.zeros((), dtype=torch.int8)
 
 

@@ -286,7 +286,8 @@ def test_minilm_w8a8_embeddings_track_fp32(minilm, eval_text):
     calib = calibration_samples(minilm.tokenizer, load_text(None)[0], 4, 64)
     bitsmith.quantize(m, Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True),
                                 method_args={"dynamic": True}), calib_ids=calib)
-    assert sum(isinstance(x, W8A8Linear) for x in m.modules()) == 36
+    assert sum(isinstance(x, W8A8Linear) for x in m.modules()) == 37          # 6 blocks x 6 linears + pooler
     s = embedding_scores(embed(m, minilm.tokenizer, q_text), embed(m, minilm.tokenizer, d_text), *ref)
-    # measured on 64 pairs: cosine 0.9974, retrieval agreement 98.4% (static min-max: 0.982, 93.8%)
+    # measured on 64 pairs: cosine 0.9974, retrieval agreement 98.4% (static min-max: 0.982, 93.8%; static
+    # percentile / mse clip BERT's outlier channels and do worse: 0.895 / 0.922)
     assert s["cosine"] >= 0.99 and s["retrieval_agreement"] >= 0.9, s

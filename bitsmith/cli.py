@@ -68,8 +68,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         if a.method not in methods.names():
             raise BitsmithError(f"unknown method {a.method!r}; valid methods: {', '.join(methods.names())}")
         args = {"mse": True} if a.mse_clip else {}
-        if a.act_order:
-            args["act_order"] = True
+        if a.act_order is not None:              # GPTQ's default is on; --no-act-order turns it off
+            args["act_order"] = a.act_order
         if a.damp is not None:
             args["damp"] = a.damp
         args.update(_w8a8_args(a))
@@ -321,8 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--bits/--group-size/--sym")
     q.add_argument("--mse-clip", action="store_true", help="RTN and GPTQ: search clipping ranges minimising MSE "
                    "(GPTQ: per group as the solve reaches it; the default at <= 3 bits)")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by descending Hessian diagonal "
-                   "(the default at <= 3 bits)")
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: quantize columns by descending Hessian diagonal (the default; --no-act-order for "
+                   "the plain column order)")
     q.add_argument("--damp", type=float, default=None, help="GPTQ: damping as a fraction of the mean diagonal (0.01)")
     q.add_argument("--observer", choices=("minmax", "ema", "percentile", "mse", "entropy"), default=None,
                    help="w8a8: how static activation ranges are chosen from calibration (default minmax)")

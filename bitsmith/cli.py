@@ -70,6 +70,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         args = {"mse": True} if a.mse_clip else {}
         if a.act_order is not None:              # GPTQ's default is on; --no-act-order turns it off
             args["act_order"] = a.act_order
+        if a.static_groups is not None:
+            args["static_groups"] = a.static_groups
         if a.damp is not None:
             args["damp"] = a.damp
         args.update(_w8a8_args(a))
@@ -324,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: quantize columns by descending Hessian diagonal (the default; --no-act-order for "
                    "the plain column order)")
+    q.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: group parameters from the original weight, so act-order needs no stored "
+                   "permutation (the default above 3 bits; every export format loads it)")
     q.add_argument("--damp", type=float, default=None, help="GPTQ: damping as a fraction of the mean diagonal (0.01)")
     q.add_argument("--observer", choices=("minmax", "ema", "percentile", "mse", "entropy"), default=None,
                    help="w8a8: how static activation ranges are chosen from calibration (default minmax)")

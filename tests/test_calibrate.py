@@ -164,7 +164,7 @@ def test_calibrated_toy_model_is_closer_to_float_than_rtn(method, args):
 
 def test_gptq_act_order_model_saves_and_loads_with_identical_logits(tmp_path):
     m = toy_lm()
-    bitsmith.quantize(m, Recipe(method="gptq", scheme=Scheme(bits=4, group_size=8), method_args={"act_order": True}),
+    bitsmith.quantize(m, Recipe(method="gptq", scheme=Scheme(bits=4, group_size=8), method_args={"act_order": True, "static_groups": False}),
                       calib_ids=IDS)
     assert any(hasattr(mod, "perm") for mod in m.modules() if isinstance(mod, QuantLinear))
     want = m(IDS).detach()
@@ -339,7 +339,7 @@ def test_smollm2_calibration_from_a_tokenizer_and_text(smollm2):
 
 
 # ---- the command line: flags, the per-layer report next to the model, inspect ---------------------------
-@pytest.mark.parametrize("method,flags", [("gptq", ["--act-order", "--damp", "0.02"]), ("awq", [])])
+@pytest.mark.parametrize("method,flags", [("gptq", ["--act-order", "--no-static-groups", "--damp", "0.02"]), ("awq", [])])
 def test_cli_calibrated_quantize_saves_the_report_and_reloads_exactly(tiny_llama, tmp_path, capsys, method, flags):
     """tiny_llama has 4 heads and 2 KV heads: v_proj cannot absorb o_proj's AWQ scale, a run-time input
     scale (InputScaledLinear) must save and load; GPTQ's act-order permutation likewise."""

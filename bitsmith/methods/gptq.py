@@ -45,7 +45,7 @@ def quantize(weight: torch.Tensor, stats: dict | None, scheme: Scheme, *, damp: 
     """GPTQ-quantize `weight` (N, K) with stats["hessian"] (K, K); `info` receives damp / fallback. With
     `mse`, each group's (scale, zero) is RTN's MSE clipping search on the group's columns as the solve
     reaches them (the reference quantizer's `mse` option) instead of their min-max range. (The calibration
-    engine starts from `scheme_defaults`: act-order always, mse at <= 3 bits.)"""
+    engine starts from `scheme_defaults`: act-order always, static groups above 3 bits, mse at <= 3.)"""
     info = {} if info is None else info
     if scheme.grid != "int":
         raise BitsmithError(f"gptq quantizes to integer grids only, not {scheme.grid!r}; use rtn for it")
@@ -99,9 +99,13 @@ def quantize(weight: torch.Tensor, stats: dict | None, scheme: Scheme, *, damp: 
 def scheme_defaults(scheme: Scheme) -> dict:
     """Arguments the engine uses unless the recipe sets them. Act-order at every width (GPTQModel's
     desc_act default too): on SmolLM2 at 4 bits g64 it took dPPL from 0.71x RTN's to 0.42x (README, issue 3).
-    MSE group parameters only at <= 3 bits, where they lowered the held-out output error of every SmolLM2
-    layer measured; at 4 bits they were not measured on the whole model."""
-    return {"act_order": True, "mse": True} if scheme.bits <= LOW_BITS else {"act_order": True}
+    Above 3 bits with static groups, so the codes are stored in the original column order with no
+    permutation, which every export target (GGUF, MatMulNBits, compressed-tensors, MLX) loads. At <= 3 bits
+    act-order with MSE group parameters chosen as the solve reaches them: the lowest held-out error on the
+    SmolLM2 layers measured, and what met the 3-bit bar."""
+    if scheme.bits <= LOW_BITS:
+        return {"act_order": True, "mse": True}
+    return {"act_order": True, "static_groups": True}
 
 
 def damp_schedule(damp: float) -> list[float]:

@@ -206,6 +206,35 @@ def _argmax_loop(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos: 
     return ids
 
 
+@contextlib.contextmanager
+def dense_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Every plain QuantLinear swapped for an nn.Linear holding its dequantized weight, swapped back on exit.
+
+    The same numbers as the reference forward (dequantize, then F.linear, in the model's float dtype), without
+    dequantizing every weight again at every generated token: the side-by-side generations of `compare` are
+    about what the model says, and at 3 bits (no CPU kernel) the reference path decodes at < 1 token/s.
+    Speed is measured elsewhere, on the real modules. Classes with run-time transforms stay as they are."""
+    from bitsmith.nn import QuantLinear
+    from bitsmith.select import set_submodule
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    swapped: list[tuple[str, nn.Module]] = []
+    try:
+        for name, m in list(model.named_modules()):
+            if type(m) is not QuantLinear:
+                continue
+            dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            dense.weight = nn.Parameter(m.dequantize(dtype), requires_grad=False)
+            if m.bias is not None:
+                dense.bias = nn.Parameter(m.bias.detach().to(dtype), requires_grad=False)
+            set_submodule(model, name, dense)
+            swapped.append((name, m))
+        yield model
+    finally:
+        for name, m in swapped:
+            set_submodule(model, name, m)
+
+
 def generate_texts(model: nn.Module, tokenizer: Any, prompts: list[torch.Tensor],
                    max_new_tokens: int = 24) -> list[str]:
     """greedy_generate for each prompt (1, T): the side-by-side column of one configuration."""

@@ -266,3 +266,26 @@ def test_accuracy_and_agreement():
     assert res["accuracy"] == res["agreement"] == (pred == labels).float().mean().item() < 1
     with pytest.raises(BitsmithError, match="as many labels as inputs"):
         accuracy(exact, x, labels[:10])
+
+
+def test_dense_weights_generate_the_same_text_and_restore_the_modules(tiny_llama):
+    from bitsmith import Recipe, Scheme, quantize
+    from bitsmith.evaluate import dense_weights, generate_texts
+    from bitsmith.kernels import set_policy
+    from bitsmith.models import load_model
+    from bitsmith.nn import QuantLinear
+
+    lm = load_model(str(tiny_llama))
+    quantize(lm.model, Recipe(scheme=Scheme(bits=3, group_size=32)))
+    prompts = [lm.tokenizer("the quick brown fox", return_tensors="pt")["input_ids"]]
+    before = {n: type(m) for n, m in lm.model.named_modules()}
+    set_policy("reference")
+    try:
+        want = generate_texts(lm.model, lm.tokenizer, prompts, 8)
+        with dense_weights(lm.model) as m:
+            assert not any(type(x) is QuantLinear for x in m.modules())
+            got = generate_texts(m, lm.tokenizer, prompts, 8)
+    finally:
+        set_policy(None)
+    assert got == want
+    assert {n: type(m) for n, m in lm.model.named_modules()} == before

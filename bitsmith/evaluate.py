@@ -182,8 +182,9 @@ def kl_to_reference(model: nn.Module, ref_model: nn.Module, tokenizer: Any, text
 
 def greedy_generate(model: nn.Module, tokenizer: Any, prompt_ids: torch.Tensor,
                     max_new_tokens: int = 20) -> str:
-    """Greedy continuation of prompt_ids (1, T), decoded without special tokens (new text only)."""
-    device = model_device(model)
+    """Greedy continuation of prompt_ids (1, T), decoded without special tokens (new text only). `model` may
+    also be a logits callable (an external runtime such as the llama.cpp baseline)."""
+    device = _device_of(model)
     ids = prompt_ids.to(device)  # (1, T)
     with _no_grad():
         if hasattr(model, "generate"):

@@ -56,14 +56,19 @@ def train(seed: int = 0, epochs: int = 25) -> tuple[nn.Sequential, tuple]:
     data = digits(seed)
     xtr, ytr = data[0], data[1]
     model = make_cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    fit(model, xtr, ytr, epochs=epochs, lr=3e-3, seed=seed)
+    return model.eval(), data
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int = 0) -> None:
+    """Adam on cross-entropy, batches of 64 in a seeded order each epoch (training and QAT share it)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        for idx in torch.randperm(len(ytr), generator=g).split(64):
+        for idx in torch.randperm(len(y), generator=g).split(64):
             opt.zero_grad()
-            nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
-    return model.eval(), data
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -49,13 +49,7 @@ def qat(model: nn.Module, data: tuple, bits: int, epochs: int, lsq: bool = False
     m = prepare_qat(copy.deepcopy(model), Recipe(scheme=Scheme(bits=bits, group_size=None, symmetric=True),
                                                   ignore=()), lsq=lsq)
     m.train()
-    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(ytr), generator=g).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(m(xtr[idx]), ytr[idx]).backward()
-            opt.step()
+    digits_cnn.fit(m, xtr, ytr, epochs=epochs, lr=1e-3, seed=seed)
     return convert(m.eval())
 
 

@@ -252,7 +252,7 @@ def load_adapters(model: nn.Module, adapter_dir: str | Path) -> list[str]:
 def merge(model: nn.Module, *, method_args: dict | None = None) -> list[dict]:
     """Fold each adapter into its weight and re-quantize with the base layer's own method and scheme, in place.
     Returns per layer the weight SQNR of the re-quantization against the merged float weight."""
-    from .apply import RECIPE_ATTR, layer_report, make_quant_module
+    from .apply import RECIPE_ATTR, layer_report
 
     recipe = getattr(model, RECIPE_ATTR, None)
     args = dict(method_args if method_args is not None else (recipe.method_args if recipe is not None else {}))
@@ -265,10 +265,7 @@ def merge(model: nn.Module, *, method_args: dict | None = None) -> list[dict]:
         with torch.no_grad():
             w = m.base.dequantize(torch.float32) + m.delta_weight().to(m.base.qcodes.device)
             qw = method.quantize(w, None, m.base.scheme, name=f"{name}.weight", **args)
-            fake = nn.Linear(m.in_features, m.out_features, bias=m.base.bias is not None)
-            if m.base.bias is not None:
-                fake.bias.data.copy_(m.base.bias.detach())
-            new = make_quant_module(fake, qw, m.base.method).to(m.base.qcodes.device)
+            new = QuantLinear.from_qweight(qw, m.base.bias, m.base.method).to(m.base.qcodes.device)
         set_submodule(model, name, new)
         report.append(layer_report(name, w, qw, m.base.method, 0.0))
     if hasattr(model, "bitsmith_lora"):

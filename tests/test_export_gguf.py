@@ -296,12 +296,17 @@ def test_failed_write_leaves_no_file(tiny_bpe_llama, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def _tiny_qwen2(bpe_dir, tmp_path):
-    d = tmp_path / "tiny-qwen2"
+def _dir_with_tokenizer(src, d):
+    """A new model directory `d` holding a copy of `src`'s tokenizer files."""
     d.mkdir()
-    for f in bpe_dir.iterdir():
+    for f in src.iterdir():
         if f.name.startswith(("tokenizer", "special")):
             (d / f.name).write_bytes(f.read_bytes())
+    return d
+
+
+def _tiny_qwen2(bpe_dir, tmp_path):
+    d = _dir_with_tokenizer(bpe_dir, tmp_path / "tiny-qwen2")
     cfg = transformers.Qwen2Config(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                    tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
@@ -395,11 +400,7 @@ def test_tensor_types_equal_llama_quantize(tiny_bpe_llama, tmp_path):
     llama_cpp = _llama_cpp()
     from bitsmith.models import load_any
 
-    d = tmp_path / "deep"
-    d.mkdir()
-    for f in tiny_bpe_llama.iterdir():
-        if f.name.startswith(("tokenizer", "special")):
-            (d / f.name).write_bytes(f.read_bytes())
+    d = _dir_with_tokenizer(tiny_bpe_llama, tmp_path / "deep")
     cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=256, num_hidden_layers=8,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                    tie_word_embeddings=False)

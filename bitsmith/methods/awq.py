@@ -224,8 +224,9 @@ def transform_block(block: nn.Module, groups: list, mods: dict[str, nn.Module], 
 
 
 def _apply(block: nn.Module, g, mods: dict[str, nn.Module], s: torch.Tensor, probe: Callable[[], torch.Tensor],
-           ref: torch.Tensor, tol: float, runtime_scale: bool) -> str:
-    """Scale the group's weights by s and fold 1/s into its producer; 'fold:<name>', 'runtime' or 'none'."""
+           ref: torch.Tensor, tol: float, runtime_scale: bool, who: str = "AWQ") -> str:
+    """Scale the group's weights by s and fold 1/s into its producer; 'fold:<name>', 'runtime' or 'none'.
+    `who` names the method in the log (SmoothQuant folds its scales through here too)."""
     for target_name in _fold_candidates(block, g, mods):
         target = block.get_submodule(target_name)
         saved = _snapshot([target, *(mods[n] for n in g.names)])
@@ -235,11 +236,11 @@ def _apply(block: nn.Module, g, mods: dict[str, nn.Module], s: torch.Tensor, pro
         if err <= tol:
             return f"fold:{target_name}"
         _restore(saved)
-        log.info("AWQ: folding into %s changes the block output (rel. %.2g); not folding %s", target_name,
+        log.info("%s: folding into %s changes the block output (rel. %.2g); not folding %s", who, target_name,
                  err, ", ".join(g.names))
     if runtime_scale:
         return "runtime"
-    log.info("AWQ: no fold target for %s and no runtime input scale; keeping s = 1", ", ".join(g.names))
+    log.info("%s: no fold target for %s and no runtime input scale; keeping s = 1", who, ", ".join(g.names))
     return "none"
 
 

@@ -12,16 +12,14 @@ Used through the w8a8 method (`smoothquant=alpha`), which calls `transform_block
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..errors import BitsmithError
-from .awq import _fold_candidates, _rel_diff, _restore, _scale_inputs, _scale_outputs, _snapshot
+from .awq import _apply
 
-log = logging.getLogger(__name__)
 
 
 def smooth_scales(act_absmax: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -49,17 +47,7 @@ def transform_block(block: nn.Module, groups: list, mods: dict[str, nn.Module], 
             continue
         w = torch.cat([m.weight.detach() for m in linears])                    # (sum N, K)
         s = smooth_scales(first["act_channel_absmax"], w, alpha)
-        how = "none"
-        for target in _fold_candidates(block, g, mods):
-            saved = _snapshot([block.get_submodule(target), *linears])
-            _scale_inputs(linears, s)
-            _scale_outputs(block.get_submodule(target), 1.0 / s)
-            err = _rel_diff(probe(), ref)
-            if err <= tol:
-                how = f"fold:{target}"
-                break
-            _restore(saved)
-            log.info("SmoothQuant: folding into %s changes the block output (rel. %.2g)", target, err)
+        how = _apply(block, g, mods, s, probe, ref, tol, runtime_scale=False, who="SmoothQuant")
         for n in g.names:
             info.setdefault(n, {}).update(smoothquant=how)
         if how == "none":

@@ -157,9 +157,10 @@ def tune_gemv(mod: QuantLinear, m: int, budget_s: float) -> dict:
 def tune_gemv1(mod: QuantLinear, budget_s: float) -> dict:
     x = torch.randn(1, mod.k, device="cuda", dtype=torch.bfloat16)
     packs = rotated_packs(mod)
-    split = kernels.gemv1_config(mod.n, mod.k, mod.scheme.bits)["split_k"]
-    configs = [{"block_n": bn, "split_k": max(1, int(split * f)), "num_warps": nw}
-               for f, bn, nw in itertools.product((1, 0.5, 2), (64, 32, 128), (4, 8))]
+    default = kernels.gemv1_config(mod.n, mod.k, mod.scheme.bits)
+    configs = [default] + [{"block_n": bn, "block_g": bg, "split_k": sk, "num_warps": nw}
+                           for bn, bg, sk, nw in itertools.product((64, 32, 128), (1, 2, 4), (2, 4, 8, 16), (4, 8))
+                           if 256 <= -(-mod.n // bn) * sk <= 8192 and (mod.k // 128) // bg >= sk]
     return sweep(lambda cfg: [lambda q=q: triton_wq.gemv1(x, q, None, **cfg) for q in packs], configs, budget_s)
 
 
@@ -177,9 +178,10 @@ def tune_int8(n: int, k: int, m: int, budget_s: float) -> dict:
     sw = torch.rand(n, device="cuda") * 0.01
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     configs = [{"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": st}
-               for bm, bn, bk, nw, st in [(128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
-                                          (128, 128, 256, 8, 3), (128, 256, 64, 8, 4), (64, 256, 128, 4, 4),
-                                          (128, 128, 128, 4, 4)]]
+               for bm, bn, bk, nw, st in [(256, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 256, 128, 8, 4),
+                                          (256, 128, 128, 8, 4), (128, 128, 128, 8, 4), (128, 128, 256, 8, 3),
+                                          (256, 256, 64, 8, 3), (128, 256, 64, 8, 5), (256, 128, 64, 8, 5),
+                                          (64, 256, 128, 4, 4), (128, 128, 128, 4, 4), (128, 128, 128, 4, 5)]]
     return sweep(lambda cfg: [lambda: triton_w8a8.int8_fused(x, w8, sw, **cfg)], configs, budget_s)
 
 

@@ -6,7 +6,7 @@ for that input, `available()` what this machine can run at all (`bitsmith env` s
 
 Policy (`BITSMITH_KERNELS`, read per call, or `set_policy`): "auto" (default), "reference" (never use a
 kernel), or one kernel name to force where it applies. "auto" on CUDA picks by M = rows of x:
-  triton_gemv1    CUDA-core fused dequant GEMV with plain 2-D tiles: M = 1
+  triton_gemv1    CUDA-core fused dequant GEMV in one launch (split K reduced in-kernel): M = 1
   triton_gemv     CUDA-core fused dequant GEMV for several rows of x: M <= 4 when N < 8192
   triton_gemm     tensor-core fused dequant GEMM: the other M < 64, except small layers at M >= 16
   triton_dequant  Triton dequantize to a dense weight, then cuBLAS: M >= 64 and small layers at M >= 16
@@ -45,7 +45,7 @@ class Kernel:
 
 
 KERNELS = {k.name: k for k in (
-    Kernel("triton_gemv1", "cuda", "W4/W8 A16 fused dequant GEMV, fp16/bf16, M = 1 (2-D tiles)"),
+    Kernel("triton_gemv1", "cuda", "W4/W8 A16 fused dequant GEMV, fp16/bf16, M = 1 (one launch)"),
     Kernel("triton_gemv", "cuda", "W4/W8 A16 fused dequant GEMV, fp16/bf16, small M"),
     Kernel("triton_gemm", "cuda", "W4/W8 A16 fused dequant tensor-core GEMM, mid M"),
     Kernel("triton_dequant", "cuda", "Triton dequantize + cuBLAS, large M"),
@@ -257,15 +257,17 @@ def gemv_config(m: int, n: int, k: int) -> dict:
 
 
 def gemv1_config(n: int, k: int, bits: int = 4) -> dict:
-    """2-D GEMV launch (H100 sweep): 128 channels and 8 warps at 4 bits, 64 and 4 at 8 bits, one group per
-    step; split K until ~2048 programs while each keeps >= 2 groups."""
+    """One-launch GEMV, the rule behind the H100 sweep's winners (README): 4 warps, 2 groups per step;
+    64 rows per program at 4 bits, 32 at 8; K split in powers of two while
+    each program keeps >= 4 groups of 128 and there are < 2048 programs (at most 16 splits).
+    (TUNED winners override it.)"""
     if ("triton_gemv1", n, k, 1) in TUNED:
         return TUNED["triton_gemv1", n, k, 1]
-    block_n, warps = (128, 8) if bits == 4 else (64, 4)
-    progs, groups, split = -(-n // block_n), k // 128, 1
-    while progs * split < 2048 and groups // (2 * split) >= 2:
+    block_n = 64 if bits == 4 else 32
+    progs, groups, split = -(-n // block_n), max(1, k // 128), 1
+    while split < 16 and groups // (2 * split) >= 4 and progs * split < 2048:
         split *= 2
-    return {"block_n": block_n, "split_k": split, "num_warps": warps}
+    return {"block_n": block_n, "block_g": 2, "split_k": split, "num_warps": 4}
 
 
 def gemm_config(m: int, n: int, k: int) -> dict:

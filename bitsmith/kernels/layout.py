@@ -19,7 +19,7 @@ scales. That costs a few bytes per group, never a copy of the codes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +41,7 @@ class WQPack:
     group: int                       # g', a power of two dividing K
     n: int
     k: int
+    scratch: dict = field(default_factory=dict, compare=False, repr=False)   # kernels' reusable workspaces
 
 
 def unsupported_reason(n: int, k: int, scheme: Scheme, zero_kind: str, transform_spec: dict) -> str | None:

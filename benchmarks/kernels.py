@@ -167,9 +167,13 @@ def tune_gemv1(mod: QuantLinear, budget_s: float) -> dict:
 def tune_gemm(mod: QuantLinear, m: int, budget_s: float) -> dict:
     x = torch.randn(m, mod.k, device="cuda", dtype=torch.bfloat16)
     packs = rotated_packs(mod)
-    bms = (16,) if m <= 16 else (64, 32, 16) if m <= 64 else (64, 128)
-    configs = [{"block_m": bm, "block_n": bn, "num_warps": nw, "num_stages": st, "block_w": bw}
-               for bm, bn, bw, nw, st in itertools.product(bms, (128, 64, 256), (16, 32), (4, 8), (3, 4, 2))]
+    default = kernels.gemm_config(m, mod.n, mod.k, mod.scheme.bits)
+    tiles = (((16, 64, 4), (16, 128, 4), (16, 256, 8)) if m <= 16 else ((64, 64, 4), (64, 128, 4), (64, 128, 8))
+             if m <= 64 else ((128, 128, 8), (256, 128, 8), (128, 64, 4)))
+    configs = [default] + [{"block_m": bm, "block_n": bn, "num_warps": nw, "num_stages": st, "split_k": sk,
+                            "block_w": default["block_w"], "asm": asm}
+                           for (bm, bn, nw), sk, st, asm in itertools.product(tiles, (1, 2, 4, 8), (3, 4), (True, False))
+                           if (mod.k // 128) // sk >= 4]
     return sweep(lambda cfg: [lambda q=q: triton_wq.gemm(x, q, None, **cfg) for q in packs], configs, budget_s)
 
 
@@ -321,9 +325,9 @@ def main() -> None:
     rows = []
     for n, k in shapes:
         rows += run_shape(n, k, ms, tuned)
+        if a.json:                               # after every shape, so a cut-off run keeps what it measured
+            Path(a.json).write_text(json.dumps({"info": info, "tuned": tuned, "rows": rows}, indent=1))
     t = table(rows, copy_bps)
-    if a.json:
-        Path(a.json).write_text(json.dumps({"info": info, "tuned": tuned, "rows": rows}, indent=1))
     print(f"\ncopy rate {copy_bps / 1e9:.0f} GB/s (read + write), {info}\n")
     print(t)
 

@@ -190,17 +190,41 @@ def test_quantlinear_on_cuda_dispatches_by_m():
     mod, qw = make_layer(4096, Scheme(bits=4, group_size=128), act_order=False)
     mod = mod.cuda()
     picks = {m: kernels.select(mod, torch.randn(m, 4096, device="cuda", dtype=torch.float16)) for m in (1, 8, 64)}
-    assert picks == {1: "triton_gemv1", 8: "triton_gemm", 64: "triton_dequant"}
+    assert picks == {1: "triton_gemv1", 8: "triton_gemm", 64: "triton_gemm"}
 
 
 def test_weight_only_choice_follows_the_measured_crossovers():
     assert kernels.weight_only_choice(1, 28672, 8192) == "triton_gemv1"
-    assert kernels.weight_only_choice(4, 4096, 14336) == "triton_gemv"
-    assert kernels.weight_only_choice(4, 28672, 8192) == "triton_gemm"
-    assert kernels.weight_only_choice(16, 4096, 4096) == "triton_dequant"
-    assert kernels.weight_only_choice(16, 8192, 28672) == "triton_gemm"
+    assert kernels.weight_only_choice(4, 4096, 14336) == "triton_gemm"
+    assert kernels.weight_only_choice(64, 4096, 4096) == "triton_gemm"
+    assert kernels.weight_only_choice(256, 4096, 4096) == "triton_dequant"
+    assert kernels.weight_only_choice(256, 8192, 28672) == "triton_dequant"
     assert kernels.weight_only_choice(2048, 8192, 28672) == "triton_dequant"
     assert kernels.gemv_config(1, 8192, 28672)["split_k"] == 4 and kernels.gemv_config(1, 28672, 8192)["split_k"] == 1
+    # the GEMM splits K until the grid fills the GPU, never below 4 groups of 128 per split
+    assert [kernels.gemm_config(16, n, k)["split_k"] for n, k in [(28672, 8192), (8192, 28672), (4096, 4096)]] == [4, 8, 8]
+    assert kernels.gemm_config(64, 8192, 28672)["split_k"] == 4 and kernels.gemm_config(2048, 8192, 28672)["split_k"] == 1
+    assert kernels.gemm_config(2048, 8192, 28672, bits=8)["block_m"] == 128   # 256 rows overflow shared memory
+
+
+@gpu
+@pytest.mark.parametrize("split,block_m,block_n", [(1, 16, 64), (3, 16, 64), (4, 64, 128), (2, 128, 128)])
+def test_gemm_split_k_is_deterministic_and_reusable(split, block_m, block_n):
+    """Split-K GEMM tiles (a split count that does not divide the K steps, ragged M blocks) match the
+    reference, and a repeated call gives the same bits with every tile counter back at zero."""
+    from bitsmith.kernels import triton_wq
+    mod, qw = make_layer(4096, Scheme(bits=4, group_size=128), False, seed=5, n=200)
+    mod = mod.cuda()
+    qw = dataclasses.replace(qw, codes=qw.codes.cuda(), scale=qw.scale.cuda(), zero=qw.zero.cuda())
+    pack = kernels.operands(mod, "triton_gemm")
+    x = torch.randn(40, 4096, device="cuda").to(torch.bfloat16)
+    ref = reference.weight_only_linear(x.float(), qw, mod.bias)
+    cfg = {"split_k": split, "block_m": block_m, "block_n": block_n, "num_warps": 8 if block_m >= 128 else 4}
+    y1 = triton_wq.gemm(x, pack, mod.bias.to(torch.bfloat16), **cfg)
+    y2 = triton_wq.gemm(x, pack, mod.bias.to(torch.bfloat16), **cfg)
+    assert_matches(y1, ref)
+    assert torch.equal(y1, y2)
+    assert all(int(cnt.abs().sum()) == 0 for _, cnt in pack.scratch.values())
 
 
 @gpu

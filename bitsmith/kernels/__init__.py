@@ -7,11 +7,11 @@ for that input, `available()` what this machine can run at all (`bitsmith env` s
 Policy (`BITSMITH_KERNELS`, read per call, or `set_policy`): "auto" (default), "reference" (never use a
 kernel), or one kernel name to force where it applies. "auto" on CUDA picks by M = rows of x:
   triton_gemv1    CUDA-core fused dequant GEMV in one launch (split K reduced in-kernel): M = 1
-  triton_gemv     CUDA-core fused dequant GEMV for several rows of x: M <= 4 when N < 8192
-  triton_gemm     tensor-core fused dequant GEMM: the other M < 64, except small layers at M >= 16
-  triton_dequant  Triton dequantize to a dense weight, then cuBLAS: M >= 64 and small layers at M >= 16
+  triton_gemm     tensor-core fused dequant GEMM (operands swapped, split K): M = 2..64
+  triton_dequant  Triton dequantize to a dense weight, then cuBLAS: M > 64
+  triton_gemv     CUDA-core fused dequant GEMV for several rows of x: only when forced (the GEMM beats it)
 and on the CPU, for M <= CPU_MAX_M, the torch int8/int4 weight-only kernels (cpu.py).
-The rules and launch defaults are the winners of benchmarks/kernels.py --tune on an H100 (README).
+The rules and launch defaults are the winners of sweeps on an H200 (H100 for the GEMVs; README).
 
 Kernel operands (re-laid-out scales, CPU packed weights) are built on first use and cached on the module as
 non-persistent buffers, so checkpoints keep bitsmith's own format; they are rebuilt if the codes change.
@@ -143,14 +143,13 @@ def _auto(module, x: torch.Tensor) -> str | None:
 
 
 def weight_only_choice(m: int, n: int, k: int) -> str:
-    """GPU weight-only kernel for an (M, K) x (N, K) product. From the H100 table (README): the GEMV wins at
-    M = 1 and, for N < 8192, up to M = 4; the GEMM from M = 2..4 on wide layers up to M < 64; a dense
-    dequantize + cuBLAS beats both on small layers (N * K <= 16M) from M = 16 and everywhere from M = 64."""
+    """GPU weight-only kernel for an (M, K) x (N, K) product. From the H200 run (README): the one-launch
+    GEMV wins at M = 1; the swapped tensor-core GEMM from M = 2 to 64 on every shape (the CUDA-core
+    multi-row GEMV never does any more); above, a dense dequantize + cuBLAS (the GEMM won by 5% at M = 256
+    on 28672x8192 but lost by 1.5x on 8192x28672)."""
     if m == 1:
         return "triton_gemv1"
-    if m <= 4 and n < 8192:
-        return "triton_gemv"
-    if m < 64 and not (m >= 16 and n * k <= 2**24):
+    if m <= 64:
         return "triton_gemm"
     return "triton_dequant"
 
@@ -226,7 +225,7 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
         elif name in ("triton_gemv", "triton_gemv1"):
             y = triton_wq.gemv(x2, pack, bias, **gemv_config(m, module.n, module.k))
         elif name == "triton_gemm":
-            y = triton_wq.gemm(x2, pack, bias, **gemm_config(m, module.n, module.k))
+            y = triton_wq.gemm(x2, pack, bias, **gemm_config(m, module.n, module.k, module.scheme.bits))
         else:
             y = triton_wq.dequant_matmul(x2, pack, bias)
     else:
@@ -259,21 +258,35 @@ def gemv_config(m: int, n: int, k: int) -> dict:
 def gemv1_config(n: int, k: int, bits: int = 4) -> dict:
     """One-launch GEMV, the rule behind the H100 sweep's winners (README): 4 warps, 2 groups per step;
     64 rows per program at 4 bits, 32 at 8; K split in powers of two while
-    each program keeps >= 4 groups of 128 and there are < 2048 programs (at most 16 splits).
+    each program keeps >= 4 groups of 128 while there are <= 2048 programs (at most 16 splits).
     (TUNED winners override it.)"""
     if ("triton_gemv1", n, k, 1) in TUNED:
         return TUNED["triton_gemv1", n, k, 1]
     block_n = 64 if bits == 4 else 32
     progs, groups, split = -(-n // block_n), max(1, k // 128), 1
-    while split < 16 and groups // (2 * split) >= 4 and progs * split < 2048:
+    while split < 16 and groups // (2 * split) >= 4 and progs * split <= 2048:
         split *= 2
     return {"block_n": block_n, "block_g": 2, "split_k": split, "num_warps": 4}
 
 
-def gemm_config(m: int, n: int, k: int) -> dict:
-    """GEMM launch, the H100 sweep's most frequent winners per M range."""
+def gemm_config(m: int, n: int, k: int, bits: int = 4) -> dict:
+    """GEMM launch, the H200 sweep's winners (README): 16 rows of x per program up to M = 16 (64 weight
+    rows, 4 warps), 64 (128 weight rows) up to M = 64; K split in powers of two until there are >= 1024
+    programs at M <= 16 (>= 256 up to M = 64) while each split keeps >= 4 groups of 128. Above M = 64
+    (only when forced) 128 or 256 rows, 8 warps, no split; 8-bit stays at 128 rows (256 needs more shared
+    memory than the H200's 227 KB at 3 stages). (TUNED winners override it.)"""
     if ("triton_gemm", n, k, m_bucket(m)) in TUNED:
         return TUNED["triton_gemm", n, k, m_bucket(m)]
+    block_w = 16 if bits == 4 else 32
     if m <= 16:
-        return {"block_m": 16, "block_n": 64, "num_warps": 4, "num_stages": 4, "block_w": 32}
-    return {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 2, "block_w": 32}
+        block_m, block_n, warps, target = 16, 64, 4, 1024
+    elif m <= 64:
+        block_m, block_n, warps, target = 64, 128, 4, 256
+    else:
+        block_m, block_n, warps, target = 128 if m <= 128 or bits == 8 else 256, 128, 8, 1
+    tiles = -(-m // block_m) * -(-n // block_n)
+    split = 1
+    while tiles * split < target and k // (128 * 2 * split) >= 4:
+        split *= 2
+    return {"block_m": block_m, "block_n": block_n, "split_k": split, "num_warps": warps, "num_stages": 3,
+            "block_w": block_w}

@@ -41,6 +41,7 @@ class WQPack:
     group: int                       # g', a power of two dividing K
     n: int
     k: int
+    int_zero: bool = True            # zero points are integers (the packed half-float dequantization needs it)
     scratch: dict = field(default_factory=dict, compare=False, repr=False)   # kernels' reusable workspaces
 
 
@@ -82,6 +83,8 @@ def build(qcodes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
     xidx = torch.arange(k, device=qcodes.device).view(k // cpw, cpw).t().reshape(-1)
     if perm is not None:
         xidx = perm.to(device=qcodes.device, dtype=torch.long)[xidx]
-    return WQPack(qw=qw, scale=expand(scale), zero=None if zero is None else expand(zero.to(torch.float16)),
+    z16 = None if zero is None else expand(zero.to(torch.float16))
+    int_zero = z16 is None or bool(torch.equal(z16, z16.round()))
+    return WQPack(qw=qw, scale=expand(scale), zero=z16, int_zero=int_zero,
                   perm=None if perm is None else perm.to(torch.int32).contiguous(), xidx=xidx.contiguous(),
                   bits=scheme.bits, group=gk, n=n, k=k)

@@ -6,17 +6,18 @@ Four kernels over the layout of layout.py (codes as int32 words, 32/bits codes p
   gemv     small M: CUDA cores. Each program owns BLOCK_N output channels and walks K in tiles of whole
            groups (optionally split over SPLIT_K programs, summed with fp32 atomics). Per group it sums
            q * x in fp32 and applies scale and zero once: y += s * (sum q x - z * sum x).
-  gemm     larger M: tensor cores. Each K step dequantizes one (BLOCK_N, BLOCK_W) tile of words to the
-           activation dtype and issues one tl.dot per code position in the word, against the matching
-           strided columns of x (the dot's K order is free, so nibbles never need interleaving).
+  gemm     M >= 2: tensor cores, operands swapped (weights on the MMA's wide side, x on its narrow side),
+           split K. Each K step dequantizes a (BLOCK_N, BLOCK_W) tile of words (4-bit: packed half-float
+           instructions, _dq4_asm), interleaves the code positions in registers into stored column order
+           and issues one dot against a contiguous x tile.
   dequant  writes the dense (N, K) weight, for large M where cuBLAS on the dense weight wins.
 
 Integer -> float without the slow I2F instruction: a code masked in place at bit offset sh (< 23) OR-ed
 into the exponent of 2^23 is the float 2^23 + q * 2^sh exactly; subtracting 2^23 gives q * 2^sh, and the
 2^-sh is folded into x (gemv) or the scale (gemm). Codes above bit 23 are shifted down once per word.
-Column order: gemv, gemm and dequant gather x once into "x_pi" order (code i of word j of every row <-> x
+Column order: gemv and dequant gather x once into "x_pi" order (code i of word j of every row <-> x
 position i * K/CPW + j, composed with the act-order permutation), so x loads are contiguous (the dot operands
-of the GEMM need that); gemv1 reads x where it lies (x[CPW * j + i], from L1) to save the gather's launch.
+of those need that); gemv1 and gemm read x where it lies (x[CPW * j + i]) to save the gather's launch.
 The weights never move.
 """
 
@@ -191,61 +192,161 @@ def _wq_gemv1_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, BITS: tl.constexpr, GS: t
             tl.atomic_xchg(CNT + pid_n, 0, sem="relaxed", scope="gpu")
 
 
+def _dq4_ptx(ty: str, magic: str) -> str:
+    """PTX for _dq4_asm: code pairs (i, i + 4) of the word $8 into the two halves of t_i, each half
+    2^m + q exactly (LOP3 of the masked pair into the mantissas of 2^m, `magic`); one packed FMA subtracts
+    2^m + z (exact: integers), one multiplies by s. $9 = s, $10 = -(2^m + z), in the 16-bit type."""
+    lines = [".reg .b32 t0, t1, t2, t3, rs, rz, one, nz;", "mov.b32 rs, {$9, $9};", "mov.b32 rz, {$10, $10};",
+             f"mov.b32 one, {'0x3F803F80' if ty == 'bf16' else '0x3C003C00'};", "mov.b32 nz, 0x80008000;"]
+    for i in range(4):
+        src = "$8" if i == 0 else f"t{i}"
+        if i:
+            lines.append(f"shr.u32 t{i}, $8, {4 * i};")
+        lines.append(f"lop3.b32 t{i}, {src}, 0x000F000F, {magic}, 0xEA;")
+    lines += [f"fma.rn.{ty}x2 t{i}, t{i}, one, rz;" for i in range(4)]
+    lines += [f"fma.rn.{ty}x2 t{i}, t{i}, rs, nz;" for i in range(4)]
+    lines += [f"mov.b32 {{${i}, ${i + 4}}}, t{i};" for i in range(4)]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_DQ4_BF16 = tl.constexpr(_dq4_ptx("bf16", "0x43004300"))     # bf16 128 + q
+_DQ4_FP16 = tl.constexpr(_dq4_ptx("f16", "0x64006400"))     # fp16 1024 + q
+
+
 @triton.jit
-def _wq_gemm_kernel(X, QW, S, Z, B, Y, M, N, K, stride_xm, stride_ym,
-                    BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_W: tl.constexpr, GROUP_M: tl.constexpr):
+def _dq4_asm(w, s, mz, FP16: tl.constexpr):
+    """The 8 4-bit codes of each int32 word as (q - z) * s in the activation dtype, two codes per packed
+    instruction (see _dq4_ptx): ~1.6 instructions per code instead of ~4 for the fp32 path plus the cast
+    (Marlin / FasterTransformer's trick). q - z is exact, so the only roundings are s to 16 bits and the
+    product, as for a 16-bit weight. Integer zero points only. s and mz = -(2^m + z) broadcast to w's
+    shape, in the output dtype (2^m = 1024 for fp16, 128 for bf16)."""
+    if FP16:
+        return tl.inline_asm_elementwise(_DQ4_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", [w, s, mz],
+                                         dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(_DQ4_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", [w, s, mz],
+                                         dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
+def _codes_f(w, s, zs, BITS: tl.constexpr, HI: tl.constexpr, dt: tl.constexpr):
+    """The CPW codes of each word as (q - z) * s in dtype dt, by the fp32 path (tuple of CPW tensors)."""
+    ws = w >> HI
+    if BITS == 4:
+        return ((_code(w, ws, 0, BITS, HI) * (s * _code_inv_scale(0, BITS, HI)) - zs).to(dt),
+                (_code(w, ws, 1, BITS, HI) * (s * _code_inv_scale(1, BITS, HI)) - zs).to(dt),
+                (_code(w, ws, 2, BITS, HI) * (s * _code_inv_scale(2, BITS, HI)) - zs).to(dt),
+                (_code(w, ws, 3, BITS, HI) * (s * _code_inv_scale(3, BITS, HI)) - zs).to(dt),
+                (_code(w, ws, 4, BITS, HI) * (s * _code_inv_scale(4, BITS, HI)) - zs).to(dt),
+                (_code(w, ws, 5, BITS, HI) * (s * _code_inv_scale(5, BITS, HI)) - zs).to(dt),
+                (_code(w, ws, 6, BITS, HI) * (s * _code_inv_scale(6, BITS, HI)) - zs).to(dt),
+                (_code(w, ws, 7, BITS, HI) * (s * _code_inv_scale(7, BITS, HI)) - zs).to(dt))
+    else:
+        return ((_code(w, ws, 0, BITS, HI) * (s * _code_inv_scale(0, BITS, HI)) - zs).to(dt),
+                (_code(w, ws, 1, BITS, HI) * (s * _code_inv_scale(1, BITS, HI)) - zs).to(dt),
+                (_code(w, ws, 2, BITS, HI) * (s * _code_inv_scale(2, BITS, HI)) - zs).to(dt),
+                (_code(w, ws, 3, BITS, HI) * (s * _code_inv_scale(3, BITS, HI)) - zs).to(dt))
+
+
+@triton.jit
+def _interleave(c, CPW: tl.constexpr):
+    """CPW (BN, BW) tiles -> (BN, BW, 2, .., 2) whose flattened last dims give code i at position
+    CPW * word + i (tl.join appends the innermost axis, so the last join picks the lowest bit of i)."""
+    if CPW == 8:
+        return tl.join(tl.join(tl.join(c[0], c[4]), tl.join(c[2], c[6])),
+                       tl.join(tl.join(c[1], c[5]), tl.join(c[3], c[7])))
+    else:
+        return tl.join(tl.join(c[0], c[2]), tl.join(c[1], c[3]))
+
+
+@triton.jit
+def _wq_gemm_kernel(X, QW, S, Z, B, Y, WS, CNT, M, N, K, wpr, stride_xm, stride_ym,
+                      BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
+                      ASM: tl.constexpr, EVEN: tl.constexpr, FP16: tl.constexpr):
+    """Tensor-core GEMM with the operands swapped: acc (BLOCK_N, BLOCK_M) = W tile x x^T, so the weights fill
+    the MMA's M side (64 rows per warpgroup on Hopper) and a few rows of x are its narrow N side (M = 1..16
+    costs about the same). The dequantized weights stay in registers as the MMA's A operand (Triton keeps
+    them there: no shared-memory round trip of 16-bit weights). K is split over SPLIT_K programs (small N
+    or long K); the last program of each tile sums the fp32 partials in a fixed order (as
+    _wq_gemv1_kernel). `wpr` (K / CPW) is an argument so Triton sees its divisibility: without it the
+    loads lost their 16-byte vectors and the x tiles their cp.async pipelining (measured 1.3-1.8x slower)."""
     CPW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GS // CPW
     HI: tl.constexpr = 12 if BITS == 4 else 16
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n                     # programs sharing a band of rows of x (L2 reuse)
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    size_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    wpr = K // CPW
+    pid_m = tl.program_id(0)                     # fastest: programs sharing a weight tile run together (L2)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     n_groups = K // GS
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    steps = tl.cdiv(wpr, BLOCK_W)
+    per = tl.cdiv(steps, SPLIT_K)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rw = tl.arange(0, BLOCK_W)
-    mmask = rm < M
     nmask = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for w0 in range(0, wpr, BLOCK_W):
-        word = w0 + rw                                                        # (BW,)
+    mmask = rm < M
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for t in range(pid_k * per, tl.minimum(pid_k * per + per, steps)):
+        word = t * BLOCK_W + rw
         wmask = word < wpr
-        w = tl.load(QW + rn[:, None] * wpr + word[None, :], mask=nmask[:, None] & wmask[None, :], other=0)
-        ws = w >> HI
-        if BLOCK_W <= WPG:                       # the whole tile lies in one group: one scale per channel
-            g = w0 // WPG
-            s = tl.load(S + g * N + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]       # (BN, 1)
+        if EVEN:
+            w = tl.load(QW + rn[:, None] * wpr + word[None, :])
+        else:
+            w = tl.load(QW + rn[:, None] * wpr + word[None, :], mask=nmask[:, None] & wmask[None, :], other=0)
+        if BLOCK_W <= WPG:
+            g = (t * BLOCK_W) // WPG
+            if EVEN:
+                s = tl.load(S + g * N + rn).to(tl.float32)[:, None]
+            else:
+                s = tl.load(S + g * N + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
             if HAS_ZERO:
-                z = tl.load(Z + g * N + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+                if EVEN:
+                    z = tl.load(Z + g * N + rn).to(tl.float32)[:, None]
+                else:
+                    z = tl.load(Z + g * N + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
             else:
                 z = tl.full((BLOCK_N, 1), 1 << (BITS - 1), tl.float32)
         else:
             g = word // WPG
             gm = nmask[:, None] & (g < n_groups)[None, :]
-            s = tl.load(S + g[None, :] * N + rn[:, None], mask=gm, other=0.0).to(tl.float32)  # (BN, BW)
+            s = tl.load(S + g[None, :] * N + rn[:, None], mask=gm, other=0.0).to(tl.float32)
             if HAS_ZERO:
                 z = tl.load(Z + g[None, :] * N + rn[:, None], mask=gm, other=0.0).to(tl.float32)
             else:
                 z = tl.full((BLOCK_N, BLOCK_W), 1 << (BITS - 1), tl.float32)
-        zs = z * s
-        for i in tl.static_range(CPW):
-            xi = tl.load(X + rm[:, None] * stride_xm + i * wpr + word[None, :],
-                         mask=mmask[:, None] & wmask[None, :], other=0.0)     # (BM, BW), contiguous
-            q = _code(w, ws, i, BITS, HI)                                     # (BN, BW)
-            wi = (q * (s * _code_inv_scale(i, BITS, HI)) - zs).to(xi.dtype)
-            acc = tl.dot(xi, tl.trans(wi), acc)
-    if HAS_BIAS:
-        acc += tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rm[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
-             mask=mmask[:, None] & nmask[None, :])
+        if ASM:
+            c = _dq4_asm(w, tl.broadcast_to(s.to(X.dtype.element_ty), (BLOCK_N, BLOCK_W)),
+                         tl.broadcast_to((-(z + (1024.0 if FP16 else 128.0))).to(X.dtype.element_ty),
+                                         (BLOCK_N, BLOCK_W)), FP16)
+        else:
+            c = _codes_f(w, s, z * s, BITS, HI, X.dtype.element_ty)
+        # one dot over all BLOCK_W * CPW codes of the step, x in stored column order (CPW * word + i): one
+        # wide MMA chain and one contiguous x tile per step instead of CPW narrow dots over a gathered x
+        # (measured ~15% faster on an H200 at M = 16, README)
+        wt = tl.reshape(_interleave(c, CPW), (BLOCK_N, BLOCK_W * CPW))
+        xk = t * (BLOCK_W * CPW) + tl.arange(0, BLOCK_W * CPW)
+        xt = tl.load(X + rm[:, None] * stride_xm + xk[None, :], mask=mmask[:, None] & (xk < K)[None, :], other=0.0)
+        acc = tl.dot(wt, tl.trans(xt), acc)
+    omask = nmask[:, None] & mmask[None, :]
+    out = rm[None, :] * stride_ym + rn[:, None]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+        tl.store(Y + out, acc.to(Y.dtype.element_ty), mask=omask)
+    else:
+        tile = pid_n * tl.num_programs(0) + pid_m
+        part = rm[None, :] * N + rn[:, None]
+        tl.store(WS + pid_k * M * N + part, acc, mask=omask)
+        tl.debug_barrier()
+        done = tl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT_K - 1:
+            tot = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for kk in tl.static_range(SPLIT_K):
+                tot += tl.load(WS + kk * M * N + part, mask=omask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                tot += tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+            tl.store(Y + out, tot.to(Y.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(CNT + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -312,39 +413,48 @@ def gemv1(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, bloc
     block_g = min(block_g, triton.next_power_of_2(p.k // p.group))
     y = torch.empty(1, p.n, device=x2.device, dtype=x2.dtype)
     n_blocks = triton.cdiv(p.n, block_n)
-    ws, cnt = _split_scratch(p, split_k, n_blocks) if split_k > 1 else (y, y)
+    ws, cnt = _scratch(p, (split_k, n_blocks), (split_k, p.n), n_blocks) if split_k > 1 else (y, y)
     _wq_gemv1_kernel[(n_blocks, split_k)](x, p.qw, p.scale, zero, b, y, ws, cnt, p.n, p.k, BITS=p.bits,
                                           GS=p.group, HAS_ZERO=p.zero is not None, HAS_BIAS=bias is not None,
                                           BLOCK_N=block_n, BLOCK_G=block_g, SPLIT_K=split_k, num_warps=num_warps)
     return y
 
 
-def _split_scratch(p: WQPack, split_k: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pack fp32 partials (split_k, N) and zeroed counters (one per row block), made once: the kernel
-    leaves the counters at zero, so they are reused by every later call (and CUDA-graph replay)."""
-    key = (split_k, n_blocks)
+def _scratch(p: WQPack, key: tuple, shape: tuple, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pack fp32 split-K partials of `shape` and zeroed counters (one per output tile), made once: the
+    kernels leave the counters at zero, so they are reused by every later call (and CUDA-graph replay)."""
     if key not in p.scratch:
-        p.scratch[key] = (torch.empty(split_k, p.n, device=p.qw.device, dtype=torch.float32),
-                          torch.zeros(n_blocks, device=p.qw.device, dtype=torch.int32))
+        p.scratch[key] = (torch.empty(shape, device=p.qw.device, dtype=torch.float32),
+                          torch.zeros(n_tiles, device=p.qw.device, dtype=torch.int32))
     return p.scratch[key]
 
 
 def gemm(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block_m: int | None = None,
-         block_n: int = 128, block_w: int | None = None, group_m: int = 8, num_warps: int = 4,
-         num_stages: int = 3) -> torch.Tensor:
+         block_n: int = 128, block_w: int | None = None, split_k: int = 1, num_warps: int = 4,
+         num_stages: int = 3, asm: bool = True) -> torch.Tensor:
+    """`asm`: 4-bit codes with integer zero points dequantized by packed half-float instructions
+    (_dq4_asm); 8-bit codes, fractional zeros and asm=False take the fp32 path. x is read in the weights'
+    stored column order (gathered only under act-order)."""
     m = x2.shape[0]
-    xp = permute_x(x2, p)
+    xp = x2 if p.perm is None else x2.index_select(1, p.perm)
     zero, b = _operands(p, bias)
     if block_m is None:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     if block_w is None:
         block_w = 16 if p.bits == 4 else 32
+    cpw = 32 // p.bits
+    m_blocks, n_blocks = triton.cdiv(m, block_m), triton.cdiv(p.n, block_n)
+    split_k = max(1, min(split_k, triton.cdiv(p.k // cpw, block_w)))
     y = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(p.n, block_n),)
-    _wq_gemm_kernel[grid](xp, p.qw, p.scale, zero, b, y, m, p.n, p.k, xp.stride(0), y.stride(0),
-                          BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None, HAS_BIAS=bias is not None,
-                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w, GROUP_M=group_m,
-                          num_warps=num_warps, num_stages=num_stages)
+    ws, cnt = _scratch(p, ("gemm", split_k, m_blocks * n_blocks, m), (split_k * m, p.n), m_blocks * n_blocks) \
+        if split_k > 1 else (y, y)
+    even = p.n % block_n == 0 and (p.k // cpw) % block_w == 0
+    _wq_gemm_kernel[(m_blocks, n_blocks, split_k)](
+        xp, p.qw, p.scale, zero, b, y, ws, cnt, m, p.n, p.k, p.k // cpw, xp.stride(0), y.stride(0),
+        BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k, ASM=asm and p.bits == 4 and p.int_zero, EVEN=even,
+        FP16=x2.dtype == torch.float16, num_warps=num_warps,
+        num_stages=num_stages)
     return y
 
 

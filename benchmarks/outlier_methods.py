@@ -3,7 +3,8 @@
 
 Held-out default text, perplexity at seq-len 1024 over 4096 tokens (4 windows), every decoder linear
 quantized (lm_head and the tied embedding stay float16, as in every bitsmith recipe). Calibrated methods
-(gptq, quip) use bitsmith's defaults: 128 windows of 512 tokens of the default calibration text. The
+(gptq, quip) use 128 windows of 512 tokens of the default calibration text unless --calib-samples says
+otherwise, and the calibration engine's solver defaults (gptq.scheme_defaults) unless a row names others. The
 quantized models run through their real modules (QuantLinear / Int8MixedLinear / HadamardLinear), so
 LLM.int8()'s int8 activations and the run-time Hadamards are part of what is measured. Bits per weight
 count everything a checkpoint of the quantized linears stores (codes, scales, zeros, signs, thresholds).
@@ -34,6 +35,7 @@ from bitsmith.size import size_report  # noqa: E402
 
 G64 = {b: Scheme(bits=b, group_size=64) for b in (2, 3, 4)}
 INT8 = Scheme(bits=8, group_size=None, symmetric=True)
+PLAIN = {"act_order": False, "mse": False}     # columns in order, min-max groups (IST-DASLab/gptq's defaults)
 ROWS: dict[str, tuple] = {      # label: (method, scheme[, method_args])
     "fp32": ("none", None),
     "llm_int8": ("llm_int8", INT8),                                  # threshold 6.0, the paper's default
@@ -43,12 +45,13 @@ ROWS: dict[str, tuple] = {      # label: (method, scheme[, method_args])
     "nf4-g64-dq-absmax": ("nf4", G64[4], {"scale_search": False}),   # absmax scales, as bitsandbytes
     "nf4-g64-dq-search-unweighted": ("nf4", G64[4], {"search_power": 0.0}),
     "rtn-w4g64": ("rtn", G64[4]),
-    "gptq-w3g64": ("gptq", G64[3]),
-    "quip-w3g64": ("quip", G64[3]),
+    "gptq-w3g64": ("gptq", G64[3]),                                  # both: the engine's <= 3-bit defaults,
+    "quip-w3g64": ("quip", G64[3]),                                  # act-order + MSE group parameters
     "gptq-w2g64": ("gptq", G64[2]),
     "quip-w2g64": ("quip", G64[2]),
-    "quip-noclip-w3g64": ("quip", G64[3], {"clip": False}),
-    "quip-noclip-w2g64": ("quip", G64[2], {"clip": False}),
+    "gptq-plain-w2g64": ("gptq", G64[2], PLAIN),                     # the reference GPTQ's settings
+    "quip-plain-w2g64": ("quip", G64[2], PLAIN),
+    "quip-clip-w3g64": ("quip", G64[3], {"act_order": False, "clip": True}),   # quip's default before 2026-12
     "rtn-w3g64": ("rtn", G64[3]),
     "hqq-w3g64": ("hqq", G64[3]),                                    # integer zero + fitted scale (default <= 3 bits)
     "hqq-w3g64-fraczero": ("hqq", G64[3], {"integer_zero": False}),  # HQQ's fractional zero, as the package

@@ -98,18 +98,23 @@ def out_err(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("bits", [3, 2])
 def test_quip_beats_gptq_alone(bits):
+    """Same data, same solver settings (the engine's defaults at this width: act-order + MSE groups):
+    the incoherence processing alone must cut the held-out output error by >= 10%."""
     w = student_t(192, 576, seed=2)
     x = outlier_inputs(576, 3072, 3)
     x_cal, x_test = x[:2048], x[2048:]                               # held-out tokens of one distribution
     stats = {"hessian": x_cal.T @ x_cal / len(x_cal)}
     scheme = Scheme(bits=bits, group_size=64)
-    e_quip = out_err(w, dequantize_weight(quip.quantize(w, stats, scheme, name="l.weight")), x_test)
-    e_gptq = out_err(w, dequantize_weight(gptq.quantize(w, stats, scheme, name="l.weight")), x_test)
-    e_noclip = out_err(w, dequantize_weight(quip.quantize(w, stats, scheme, clip=False, name="l.weight")), x_test)
-    print(f"{bits}-bit g64 held-out output error: quip {e_quip:.4f} (without clipping {e_noclip:.4f}), "
-          f"gptq {e_gptq:.4f}")
-    assert e_quip < 0.9 * e_gptq and e_noclip < 0.9 * e_gptq
-    assert e_quip < e_noclip
+    args = quip.scheme_defaults(scheme)
+    assert args == gptq.scheme_defaults(scheme) == {"act_order": True, "mse": True}
+    e_quip = out_err(w, dequantize_weight(quip.quantize(w, stats, scheme, name="l.weight", **args)), x_test)
+    e_gptq = out_err(w, dequantize_weight(gptq.quantize(w, stats, scheme, name="l.weight", **args)), x_test)
+    e_plain = out_err(w, dequantize_weight(quip.quantize(w, stats, scheme, name="l.weight")), x_test)
+    e_clip = out_err(w, dequantize_weight(quip.quantize(w, stats, scheme, clip=True, name="l.weight")), x_test)
+    print(f"{bits}-bit g64 held-out output error: quip {e_quip:.4f} (plain order, min-max groups {e_plain:.4f}, "
+          f"static clipped groups {e_clip:.4f}), gptq {e_gptq:.4f}")
+    assert e_quip < 0.9 * e_gptq
+    assert e_clip < e_plain and e_quip < e_plain                     # MSE groups beat min-max at <= 3 bits
 
 
 def test_quip_with_act_order_undoes_perm_then_transforms():
@@ -134,22 +139,39 @@ def test_save_and_reload_exactly(tmp_path):
     assert torch.equal(model(x), loaded(x))
 
 
+def block_inputs(model: nn.Module, block: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The float model's inputs to every linear of one block, (T, K) each."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen.__setitem__(n, i[0].reshape(-1, i[0].shape[-1])))
+             for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    with torch.inference_mode():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
 @pytest.mark.slow
 def test_smollm2_quip_block_beats_gptq_at_2_bits(smollm2):
-    """A real decoder block, few calibration tokens: quip's per-layer output error is below GPTQ's with the
-    same solver settings (plain column order, min-max groups: what quip's solve uses), so the gain is the
-    incoherence processing's. GPTQ's own <= 3-bit defaults (act-order + MSE groups) beat quip on this block;
-    quip does not use them yet (whole-model perplexities: benchmarks/outlier_methods.py)."""
-    import copy
+    """Block 0 of the real model at 2 bits g64, both methods at the engine's defaults (act-order + MSE
+    groups), Hessians from 8 x 512 calibration tokens: on held-out tokens quip's mean output error is >= 5%
+    below GPTQ's, so the gain is the incoherence processing's (three blocks measured: 7% lower at 2 bits,
+    9% at 3)."""
+    from bitsmith.models import calibration_samples, load_text, tokenize_text
 
-    kw = {"tokenizer": smollm2.tokenizer, "n_samples": 8, "seq_len": 256}
+    cal_text, ev_text = load_text(None)
+    block = smollm2.model.model.layers[0]
+    cal = block_inputs(smollm2.model, block, calibration_samples(smollm2.tokenizer, cal_text, 8, 512))
+    held = block_inputs(smollm2.model, block, tokenize_text(smollm2.tokenizer, ev_text, None)[:1024].view(2, 512))
+    scheme = Scheme(bits=2, group_size=64)
     errs = {}
-    for method in ("gptq", "quip"):
-        m = copy.deepcopy(smollm2.model)
-        args = {"act_order": False, "mse": False} if method == "gptq" else {}
-        rep = bitsmith.quantize(m, Recipe(method=method, scheme=Scheme(bits=2, group_size=64),
-                                          targets=("model.layers.0.*",), method_args=args), **kw)
-        errs[method] = {r["name"]: r["out_rel_err"] for r in rep}
-    better = sum(errs["quip"][n] < errs["gptq"][n] for n in errs["gptq"])
-    print({n: (round(errs["quip"][n], 4), round(errs["gptq"][n], 4)) for n in errs["gptq"]})
-    assert better >= 0.8 * len(errs["gptq"])
+    for name, x in cal.items():
+        w = block.get_submodule(name).weight.detach()
+        stats = {"hessian": x.T @ x / len(x)}
+        errs[name] = [out_err(w, dequantize_weight(m.quantize(w, stats, scheme, name=f"{name}.weight",
+                                                              **m.scheme_defaults(scheme))), held[name])
+                      for m in (quip, gptq)]
+    print({n: (round(q, 4), round(g, 4)) for n, (q, g) in errs.items()})
+    mean_quip, mean_gptq = (sum(e[i] for e in errs.values()) / len(errs) for i in (0, 1))
+    assert len(errs) == 7 and mean_quip < 0.95 * mean_gptq
+    assert sum(q < g for q, g in errs.values()) > len(errs) / 2

@@ -4,8 +4,12 @@ numbers are to bitsmith's own forward of the same quantized model.
   onnx-matmulnbits  SmolLM2-135M, RTN 4-bit g64: ONNX Runtime perplexity vs bitsmith's on the same windows,
                     greedy tokens of a prompt, export seconds, file size
   onnx-qdq          MiniLM-L6, bitsmith's static W8A8 (issue 7): embedding cosine ORT vs bitsmith
-                    (-reduce-range: 7-bit weights, which ORT's int8 kernels multiply exactly without VNNI)
+                    (-reduce-range: 7-bit weights, which ORT's int8 kernels multiply exactly without VNNI),
+                    next to bitsmith vs itself with its embedding output perturbed by 1e-7 (relative, about
+                    one float32 rounding): how far float-rounding-level differences alone move the output
   compressed-tensors SmolLM2-135M, RTN 4-bit g64 symmetric: transformers (+ compressed-tensors) logits vs bitsmith
+                    (-asym-block: asymmetric, asym_strategy=block, default load; -asym-group: asymmetric in the
+                    package's own group layout, loaded with CompressedTensorsConfig(dequantize=True))
   mlx               SmolLM2-135M, RTN 4-bit g64: mlx-lm logits and greedy tokens vs bitsmith
 
 Whole-model runs: take the shared lock on the 2-core machines.
@@ -77,7 +81,20 @@ def onnx_matmulnbits(tokens: int, seq_len: int) -> dict:
                 "greedy_equal": g_ours == g_ort, "greedy_text": lm.tokenizer.decode(g_ort[ids.shape[1]:])}
 
 
-def onnx_qdq(samples: int, reduce_range: bool) -> dict:
+def _perturbed(model: torch.nn.Module, tokenizer, texts: list[str], eps: float) -> torch.Tensor:
+    """Embeddings with the embedding layer's output multiplied by (1 + eps N(0, 1)): a float-rounding-sized
+    change at the bottom of the encoder, the kind of difference two correct float implementations have."""
+    from bitsmith.evaluate import embed
+
+    g = torch.Generator().manual_seed(0)
+    hook = model.embeddings.register_forward_hook(lambda m, i, o: o * (1 + eps * torch.randn(o.shape, generator=g)))
+    try:
+        return embed(model, tokenizer, texts)
+    finally:
+        hook.remove()
+
+
+def onnx_qdq(samples: int, reduce_range: bool, observer: str) -> dict:
     import onnxruntime as ort
 
     from bitsmith.evaluate import embed
@@ -86,7 +103,7 @@ def onnx_qdq(samples: int, reduce_range: bool) -> dict:
     lm = load_model("minilm-l6")
     fp = copy.deepcopy(lm.model)
     recipe = Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True),
-                    method_args={"reduce_range": reduce_range})
+                    method_args={"reduce_range": reduce_range, "observer": observer})
     bitsmith.quantize(lm.model, recipe, tokenizer=lm.tokenizer, n_samples=16, seq_len=128)
     texts = [p for p in load_text(None)[1].split("\n\n") if len(p) > 40][:samples]
     with tempfile.TemporaryDirectory() as d:
@@ -104,29 +121,38 @@ def onnx_qdq(samples: int, reduce_range: bool) -> dict:
         size = _size(Path(d) / "onnx")
     ours, ref = embed(lm.model, lm.tokenizer, texts), embed(fp, lm.tokenizer, texts)
     cos, cos_fp = (got * ours).sum(-1), (got * ref).sum(-1)
-    return {"row": "onnx-qdq", "model": f"minilm-l6 w8a8 static{' reduce_range' if reduce_range else ''}", "export_s": round(secs, 1), "size_mb": round(size, 1),
-            "nodes": res["nodes"], "cosine_vs_bitsmith_mean": float(cos.mean()), "cosine_vs_bitsmith_min": float(cos.min()),
-            "cosine_vs_fp32_mean": float(cos_fp.mean()), "texts": len(texts)}
+    self_cos = (_perturbed(lm.model, lm.tokenizer, texts, 1e-7) * ours).sum(-1)
+    return {"row": "onnx-qdq", "model": f"minilm-l6 w8a8 static {observer}{' reduce_range' if reduce_range else ''}",
+            "export_s": round(secs, 1), "size_mb": round(size, 1), "nodes": res["nodes"],
+            "cosine_vs_bitsmith_mean": float(cos.mean()), "cosine_vs_bitsmith_min": float(cos.min()),
+            "bitsmith_vs_itself_perturbed_1e-7_mean": float(self_cos.mean()),
+            "bitsmith_vs_itself_perturbed_1e-7_min": float(self_cos.min()),
+            "cosine_vs_fp32_mean": float(cos_fp.mean()), "bitsmith_vs_fp32_mean": float((ours * ref).sum(-1).mean()),
+            "texts": len(texts)}
 
 
-def compressed_tensors() -> dict:
+def compressed_tensors(variant: str = "") -> dict:
     import transformers
 
     from bitsmith.export import export
 
-    lm = _w4(load_model("smollm2-135m"), symmetric=True)
+    symmetric = not variant
+    strategy = "block" if variant == "asym-block" else "group"
+    load = {"quantization_config": transformers.CompressedTensorsConfig(dequantize=True)} if variant == "asym-group" else {}
+    lm = _w4(load_model("smollm2-135m"), symmetric=symmetric)
     ids = lm.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     with tempfile.TemporaryDirectory() as d:
-        export(lm, "compressed-tensors", Path(d) / "ct")
+        export(lm, "compressed-tensors", Path(d) / "ct", asym_strategy=strategy)
         t = time.perf_counter()
-        hf = transformers.AutoModelForCausalLM.from_pretrained(str(Path(d) / "ct"), dtype=torch.float32).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(Path(d) / "ct"), dtype=torch.float32, **load).eval()
         load_s = time.perf_counter() - t
         size = _size(Path(d) / "ct")
     with torch.no_grad():
         a, b = lm.model(ids).logits, hf(ids).logits
         g_ours, g_hf = _greedy(lambda x: lm.model(x).logits, ids, 16), _greedy(lambda x: hf(x).logits, ids, 16)
-    return {"row": "compressed-tensors", "model": "smollm2-135m rtn w4 g64 sym", "size_mb": round(size, 1),
-            "load_s": round(load_s, 1), "max_abs_logit_diff": float((a - b).abs().max()),
+    how = "sym" if symmetric else f"asym, strategy {strategy}{', dequantize=True' if load else ''}"
+    return {"row": "compressed-tensors" + (f"-{variant}" if variant else ""), "model": f"smollm2-135m rtn w4 g64 {how}",
+            "size_mb": round(size, 1), "load_s": round(load_s, 1), "max_abs_logit_diff": float((a - b).abs().max()),
             "max_abs_logit": float(a.abs().max()), "greedy_equal": g_ours == g_hf}
 
 
@@ -156,9 +182,11 @@ def mlx() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="onnx-matmulnbits,onnx-qdq,onnx-qdq-reduce-range,compressed-tensors,mlx")
+    ap.add_argument("--rows", default="onnx-matmulnbits,onnx-qdq,onnx-qdq-reduce-range,compressed-tensors,"
+                                      "compressed-tensors-asym-block,compressed-tensors-asym-group,mlx")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--observer", default="minmax", help="the W8A8 activation observer of the onnx-qdq rows")
     ap.add_argument("--json")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -167,9 +195,9 @@ def main() -> None:
         if row == "onnx-matmulnbits":
             rows.append(onnx_matmulnbits(a.tokens, a.seq_len))
         elif row in ("onnx-qdq", "onnx-qdq-reduce-range"):
-            rows.append(onnx_qdq(64, reduce_range=row.endswith("range")))
-        elif row == "compressed-tensors":
-            rows.append(compressed_tensors())
+            rows.append(onnx_qdq(64, reduce_range=row.endswith("range"), observer=a.observer))
+        elif row.startswith("compressed-tensors"):
+            rows.append(compressed_tensors(row.removeprefix("compressed-tensors").lstrip("-")))
         elif row == "mlx":
             rows.append(mlx())
         else:

@@ -180,6 +180,28 @@ def test_w8a8_digits_cnn_gives_the_same_predictions_in_onnxruntime(digits_cnn, t
     assert (got == yte).float().mean() >= 0.9
 
 
+def test_w8a8_inputs_past_the_calibrated_range_get_bitsmiths_codes(tmp_path):
+    """bitsmith clamps activation codes to [-127, 127], QuantizeLinear saturates to [-128, 127]: the Max(x, -127 s)
+    the exporter puts before it makes ONNX Runtime's integer product equal bitsmith's for inputs 3x past the
+    calibrated range on both sides (without it, every code below -127.5 becomes -128: 1/127 of the largest
+    activations wrong)."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16)).eval()
+    calib = torch.randn(256, 64, generator=g)
+    quantize(model, Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True), ignore=()),
+             calib_ids=calib, batch_size=64)
+    res = ox.write(LoadedModel(model, None, "mlp", "module", None), tmp_path, example=(calib[:4],))
+    proto = onnx.load(str(tmp_path / ox.MODEL_FILE))
+    assert res["nodes"]["QuantizeLinear"] == 2 and sum(n.op_type == "Max" for n in proto.graph.node) == 2
+    x = 3 * float(calib.abs().max()) * (2 * torch.rand(512, 64, generator=g) - 1)
+    s = float(model[0].act_scale.reshape(-1)[0])
+    assert int((x / s < -127.5).sum()) > 1000                                # many codes would be -128
+    with torch.no_grad():
+        ref = model(x)                                   # bitsmith's W8A8 forward (integer product)
+    got = _run(tmp_path / ox.MODEL_FILE, {"input": x})
+    assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
 def test_qdq_takes_8bit_per_channel_weights_only(tmp_path):
     model = nn.Sequential(QuantLinear.from_qweight(_qw(16, 64, Scheme(bits=4, group_size=32)))).eval()
     with pytest.raises(BitsmithError, match="8-bit per-channel"):
@@ -231,15 +253,20 @@ def test_smollm2_w4_as_matmulnbits_matches_bitsmith(smollm2, eval_text, tmp_path
 @pytest.mark.slow
 def test_minilm_w8a8_qdq_matches_bitsmith(minilm, eval_text, tmp_path):
     """bitsmith's static W8A8 MiniLM (issue 7's method: calibrated per-tensor int8 activations) in ONNX
-    Runtime: sentence embeddings close to bitsmith's own W8A8 forward. The issue's bar is cosine >= 0.999;
-    measured here (AVX2, no VNNI): mean 0.9970, most texts 1.0000 and a few 0.983-0.99, so the test holds
-    the bar that is met (mean >= 0.99) and the gap is an open point (see the issue 6 note)."""
+    Runtime. Every quantized layer gets bitsmith's codes (the Max before QuantizeLinear; each stand-in agrees
+    with bitsmith's module within 7e-7 on the same input), yet the issue's bar, embedding cosine >= 0.999 to
+    bitsmith's own forward, is not met: static per-tensor int8 makes this encoder chaotic at float-rounding
+    level. bitsmith against itself with its embedding output perturbed by 1e-7 (relative) gives mean 0.9995,
+    min 0.990; ORT's float ops (LayerNorm, Gelu, softmax, the int32 -> float epilogue) differ from torch's by
+    ~5e-7, hence mean 0.998 on 64 held-out texts (benchmarks/export_runtimes.py), 0.9967 (min 0.983) on these
+    32. So the test holds what is met, mean >= 0.995, and that ORT is as close to the float model as bitsmith
+    is (the chaos moves both equally, not one away)."""
     from bitsmith.evaluate import embed
 
     model = copy.deepcopy(minilm.model)
     # reduce_range (weights in [-64, 64]): ONNX Runtime's u8s8 int8 kernels saturate 16-bit pair sums on
-    # x86 CPUs without VNNI (this machine: AVX2), the same limit fbgemm has; full-range weights measured
-    # cosine 0.988 there (benchmarks/export_runtimes.py), with reduce_range the runtime is exact
+    # x86 CPUs without VNNI, the same limit fbgemm has; full-range weights measured cosine 0.988 on such a
+    # CPU (AVX2 only); with VNNI or reduce_range the integer products are exact
     quantize(model, Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True),
                            method_args={"reduce_range": True}), tokenizer=minilm.tokenizer, n_samples=16, seq_len=128)
     lm = LoadedModel(model, minilm.tokenizer, "minilm-w8a8", "encoder", None)
@@ -255,5 +282,7 @@ def test_minilm_w8a8_qdq_matches_bitsmith(minilm, eval_text, tmp_path):
     texts = [p for p in eval_text.split("\n\n") if len(p) > 40][:32]
     got = embed(Runtime(), minilm.tokenizer, texts)
     ref = embed(model, minilm.tokenizer, texts)              # bitsmith's W8A8 forward (integer product)
+    fp = embed(minilm.model, minilm.tokenizer, texts)        # the float model both approximate
     cos = (got * ref).sum(-1)
-    assert float(cos.mean()) >= 0.99 and float(cos.min()) >= 0.95, cos
+    assert float(cos.mean()) >= 0.995 and float(cos.min()) >= 0.97, cos
+    assert abs(float((got * fp).sum(-1).mean()) - float((ref * fp).sum(-1).mean())) <= 1e-3

@@ -8,6 +8,14 @@ bitsmith's unsigned code, so the bytes are bitsmith's `pack` of the row, padded 
 the unsigned zero points packed the same way along the output dimension, int32 (ceil(N*bits/32), G).
 `config.json` gets a `quantization_config` (quant_method "compressed-tensors", format "pack-quantized")
 with one config group per distinct weight scheme, targeting the layers by name.
+
+Those asymmetric tensors are byte-identical to what compressed-tensors' own compressor writes (and what vLLM
+reads), but compressed-tensors 0.18 to 0.20.1 cannot load them into transformers' default (compressed)
+model: `PackedQuantizationCompressor.compress` on meta tensors (how transformers builds the model) keeps
+the zero point at its unpacked init shape (N, G), so the packed checkpoint tensor is a size mismatch.
+`asym_strategy="block"` writes asymmetric layers as the same codes under strategy block [1, group], whose
+zero point compressed-tensors stores unpacked (signed int8, zero - 2^(bits-1)); transformers loads that
+by default, vLLM has no int-weight block scheme.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from .hf_dir import hf_config, quantized_linears, unquantized_state, write_dir
 
 OUTPUT_IS_DIR = True
 FORMAT = "pack-quantized"
+ASYM_STRATEGIES = ("group", "block")
 
 
 def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -42,21 +51,28 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return F.pad(packed, (0, 4 * words - packed.shape[1])).contiguous().view(torch.int32)
 
 
-def weight_args(qw: QWeight) -> dict[str, Any]:
+def validate_options(asym_strategy: str = "group") -> None:
+    if asym_strategy not in ASYM_STRATEGIES:
+        raise BitsmithError(f"option asym_strategy must be group or block, got {asym_strategy!r}")
+
+
+def weight_args(qw: QWeight, asym_strategy: str = "group") -> dict[str, Any]:
     """The `weights` QuantizationArgs of a layer (what its config group says)."""
     s = qw.scheme
     k = qw.codes.shape[1]
     groups = qw.scale.shape[1]
     g = min(qw.group_size, k)
     args: dict[str, Any] = {"num_bits": s.bits, "type": "int", "symmetric": qw.zero is None, "dynamic": False}
-    if groups == 1:
+    if qw.zero is not None and asym_strategy == "block":
+        args.update(strategy="block", group_size=None, block_structure=[1, k if groups == 1 else g])
+    elif groups == 1:
         args.update(strategy="channel", group_size=None)
     else:
         args.update(strategy="group", group_size=g)
     return args
 
 
-def pack_quantized_tensors(qw: QWeight, name: str) -> dict[str, torch.Tensor]:
+def pack_quantized_tensors(qw: QWeight, name: str, asym_strategy: str = "group") -> dict[str, torch.Tensor]:
     """One layer's tensors in the pack-quantized layout (keys without the module prefix)."""
     s = qw.scheme
     n, k = qw.codes.shape
@@ -76,7 +92,10 @@ def pack_quantized_tensors(qw: QWeight, name: str) -> dict[str, torch.Tensor]:
         if not bool(torch.equal(z, z.round())):
             raise BitsmithError(f"{name}: fractional zero points (HQQ) have no pack-quantized form; "
                                 "use method rtn, gptq or awq")
-        out["weight_zero_point"] = pack_int32(z.t().to(torch.uint8), s.bits).t().contiguous()  # (words, G)
+        if asym_strategy == "block":     # the package keeps block zero points unpacked, signed like its codes
+            out["weight_zero_point"] = (z - 2 ** (s.bits - 1)).to(torch.int8).contiguous()      # (N, G)
+        else:
+            out["weight_zero_point"] = pack_int32(z.t().to(torch.uint8), s.bits).t().contiguous()  # (words, G)
     return out
 
 
@@ -94,8 +113,11 @@ def _layer_qweight(name: str, mod: _Packed, notes: list[str]) -> QWeight:
     return mod.qweight()
 
 
-def write(loaded: LoadedModel, tmp_path: Path) -> dict:
-    """Write model.safetensors + config.json (with quantization_config) + tokenizer under tmp_path."""
+def write(loaded: LoadedModel, tmp_path: Path, *, asym_strategy: str = "group") -> dict:
+    """Write model.safetensors + config.json (with quantization_config) + tokenizer under tmp_path.
+    asym_strategy: "group" (the package's own layout, read by vLLM) or "block" (loads in transformers
+    with compressed-tensors 0.18-0.20.1; see the module docstring)."""
+    validate_options(asym_strategy)
     cfg = hf_config(loaded, "compressed-tensors")
     state, aliases = unquantized_state(loaded.model)
     notes: list[str] = []
@@ -103,12 +125,16 @@ def write(loaded: LoadedModel, tmp_path: Path) -> dict:
     n_layers = 0
     for name, mod in quantized_linears(loaded.model, "compressed-tensors"):
         qw = _layer_qweight(name, mod, notes)
-        state.update({f"{name}.{k}": v for k, v in pack_quantized_tensors(qw, name).items()})
-        args = weight_args(qw)
+        state.update({f"{name}.{k}": v for k, v in pack_quantized_tensors(qw, name, asym_strategy).items()})
+        args = weight_args(qw, asym_strategy)
         groups.setdefault(json.dumps(args, sort_keys=True),
                           {"targets": [], "weights": args, "input_activations": None, "output_activations": None,
                            "format": FORMAT})["targets"].append(name)
         n_layers += 1
+    if asym_strategy == "group" and any(not g["weights"]["symmetric"] for g in groups.values()):
+        notes.append("asymmetric layers: transformers with compressed-tensors 0.18-0.20.1 loads them only with "
+                     "quantization_config=CompressedTensorsConfig(dequantize=True) (upstream zero-point shape bug); "
+                     "--option asym_strategy=block loads by default there, but vLLM does not read it")
     quantized = {n for g in groups.values() for n in g["targets"]}
     ignore = [n for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
     cfg["quantization_config"] = {

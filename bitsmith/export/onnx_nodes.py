@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import BitsmithError
 from ..nn import InputScaledLinear, QuantConv2d, QuantLinear, _Packed
+from ..nn_act import QMAX
 from ..numerics import IntGrid
 from ..packing import pack
 from ..primitives import QWeight, choose_qparams, dequantize, quantize, symmetric_zero
@@ -145,22 +146,27 @@ def qdq_weight(qw: QWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return qw.codes.clone(), scale, z.to(torch.uint8)
 
 
-def _qdq(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """QuantizeLinear then DequantizeLinear (per-tensor; uint8 or int8 after the zero point's dtype): the
-    node pair in the graph, the same math (round half to even, saturate) in torch."""
+def _qdq(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, floor: torch.Tensor | None = None) -> torch.Tensor:
+    """[Max(x, floor)] then QuantizeLinear then DequantizeLinear (per-tensor; uint8 or int8 after the zero
+    point's dtype): the nodes in the graph, the same math (round half to even, saturate) in torch."""
     if torch.onnx.is_in_onnx_export():
+        if floor is not None:
+            x = torch.onnx.ops.symbolic("::Max", (x, floor), dtype=x.dtype, shape=x.shape, version=DEFAULT_OPSET)
         q = torch.onnx.ops.symbolic("::QuantizeLinear", (x, scale, zero), dtype=zero.dtype, shape=x.shape,
                                     version=DEFAULT_OPSET)
         return torch.onnx.ops.symbolic("::DequantizeLinear", (q, scale, zero), dtype=x.dtype, shape=x.shape,
                                        version=DEFAULT_OPSET)
+    if floor is not None:
+        x = torch.maximum(x, floor.to(x.dtype))
     z = zero.float()
     grid = IntGrid(8, signed=zero.dtype == torch.int8)
     return dequantize(quantize(x, scale, z, grid), scale, z).to(x.dtype)
 
 
-def static_act_qparams(mod: _Packed) -> tuple[torch.Tensor, torch.Tensor] | None:
+def static_act_qparams(mod: _Packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """bitsmith's own static activation scale of a W8A8 module (issue 7: symmetric int8, zero 0) as
-    QuantizeLinear parameters; None for a weight-only module (its range comes from a min-max pass)."""
+    QuantizeLinear parameters (scale, zero, floor); None for a weight-only module (its range comes from a
+    min-max pass)."""
     spec = mod.transform_spec or {}
     if "fp8_act_scale" in spec:
         raise BitsmithError(f"{type(mod).__name__}: FP8 activations have no int8 QDQ form; export weight-only")
@@ -170,17 +176,18 @@ def static_act_qparams(mod: _Packed) -> tuple[torch.Tensor, torch.Tensor] | None
     if not float(s) > 0:
         raise BitsmithError("dynamic per-token activation scales have no static QDQ form; quantize with static "
                             "activation scales (calibrated w8a8) or export weight-only (--option mode=matmulnbits)")
-    # bitsmith clamps codes to +-127, QuantizeLinear to [-128, 127]: they differ only below -127.5 s, outside
-    # the calibrated range (a Clip before QuantizeLinear would close that gap, but torch.onnx's optimizer
-    # emitted an unsorted graph for it with onnxscript 0.7.2)
-    return s.reshape(()), torch.zeros((), dtype=torch.int8)
+    # bitsmith's codes are clamp(round(x / s), -127, 127), QuantizeLinear saturates to [-128, 127]: inputs below
+    # the calibrated range (MiniLM's first block: 0.2% of its QKV input on held-out text) would become -128, a
+    # code bitsmith never produces. Max(x, -127 s) before QuantizeLinear gives exactly bitsmith's codes.
+    return s.reshape(()), torch.zeros((), dtype=torch.int8), (-QMAX * s).reshape(())
 
 
 class QDQModule(nn.Module):
     """Stands in for an 8-bit QuantLinear / QuantConv2d during export: static input Q/DQ, weight
     DequantizeLinear(codes, per-channel scale and zero, axis 0), then the float MatMul / Conv."""
 
-    def __init__(self, mod: _Packed, act_scale: torch.Tensor, act_zero: torch.Tensor) -> None:
+    def __init__(self, mod: _Packed, act_scale: torch.Tensor, act_zero: torch.Tensor,
+                 act_floor: torch.Tensor | None = None) -> None:
         super().__init__()
         codes, scale, zero = qdq_weight(mod.qweight())
         self.conv = isinstance(mod, QuantConv2d)
@@ -192,6 +199,7 @@ class QDQModule(nn.Module):
         self.register_buffer("w_zero", zero)
         self.register_buffer("x_scale", act_scale)
         self.register_buffer("x_zero", act_zero)
+        self.register_buffer("x_floor", act_floor)
         self.bias = None if mod.bias is None else nn.Parameter(mod.bias.detach().float(), requires_grad=False)
 
     def weight(self) -> torch.Tensor:
@@ -202,7 +210,7 @@ class QDQModule(nn.Module):
         return (self.codes.float() - self.w_zero.float().view(view)) * self.w_scale.view(view)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _qdq(x, self.x_scale, self.x_zero)
+        x = _qdq(x, self.x_scale, self.x_zero, self.x_floor)
         if self.conv:
             return F.conv2d(x, self.weight(), self.bias, *self.conv_args)
         return F.linear(x, self.weight(), self.bias)

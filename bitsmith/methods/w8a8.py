@@ -9,6 +9,8 @@ scale per token at run time instead (no range to calibrate, so it never clips). 
 first migrates activation outliers into the weights (smoothquant.py). `fp8=True` simulates e4m3
 activations (scale T / 448) instead of int8. `reduce_range` stores weights in [-64, 64]: the single-pass
 exact fbgemm product on CPUs without VNNI (kernels/cpu_w8a8.py), at one bit less weight precision.
+`per_tensor` gives the weight one scale per tensor (max|W| / qmax, as many int4 deployments do) instead of
+one per output channel; it is stored as equal per-channel scales, so the modules and formats are unchanged.
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ SEQUENTIAL = False
 
 def quantize(weight: torch.Tensor, stats: dict | None, scheme: Scheme, *, observer: str = "minmax",
              dynamic: bool = False, percentile: float = 99.99, fp8: bool = False, reduce_range: bool = False,
-             name: str = "weight", info: dict | None = None) -> QWeight:
+             per_tensor: bool = False, name: str = "weight", info: dict | None = None) -> QWeight:
     """int8 per-channel weight plus the activation scale its module applies (0 = dynamic per token)."""
     if observer not in CLIP_RULES:
         raise BitsmithError(f"unknown observer {observer!r}; valid: {', '.join(CLIP_RULES)}")
-    qw = int8_weight(weight, scheme, reduce_range=reduce_range, name=name)
+    qw = int8_weight(weight, scheme, reduce_range=reduce_range, per_tensor=per_tensor, name=name)
     scale = 0.0
     if not dynamic:
         hist = None if stats is None else stats.get("act_hist")
@@ -61,14 +63,21 @@ def weight_scheme(scheme: Scheme) -> Scheme:
     return want
 
 
-def int8_weight(weight: torch.Tensor, scheme: Scheme, *, reduce_range: bool = False,
+def int8_weight(weight: torch.Tensor, scheme: Scheme, *, reduce_range: bool = False, per_tensor: bool = False,
                 name: str = "weight") -> QWeight:
-    """Symmetric per output channel; `reduce_range` (8 bits only) maps max|w| to 64 instead of 127."""
+    """Symmetric per output channel; `reduce_range` (8 bits only) maps max|w| to 64 instead of 127;
+    `per_tensor` uses the largest channel scale for every channel (one scale for the whole weight)."""
     s8 = weight_scheme(scheme)
-    if not reduce_range or s8.bits < 8:
+    reduce = reduce_range and s8.bits == 8
+    if not reduce and not per_tensor:
         return quantize_weight(weight, s8, name=name)
     scale, _ = weight_qparams(weight.float(), s8)
-    scale = (scale.float() * (127.0 / 64.0)).to(float_dtype(s8.scale_dtype))    # stored as the codes saw it
+    scale = scale.float()
+    if per_tensor:
+        scale = torch.full_like(scale, float(scale.amax()))
+    if reduce:
+        scale = scale * (127.0 / 64.0)
+    scale = scale.to(float_dtype(s8.scale_dtype))                                 # stored as the codes saw it
     return quantize_weight(weight, s8, scale=scale, name=name)
 
 

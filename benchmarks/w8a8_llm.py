@@ -8,7 +8,9 @@ One process per row keeps memory flat:
 
     .venv/bin/python -P benchmarks/w8a8_llm.py --model smollm2-135m --rows static,sq0.5 [--observer minmax]
     .venv/bin/python -P benchmarks/w8a8_llm.py --model minilm-l6 --rows static,dynamic
-Rows: fp32, static, dynamic, sqALPHA (static + SmoothQuant alpha), sqALPHA-dynamic.
+Rows: fp32, static, dynamic, sqALPHA (static + SmoothQuant alpha; ALPHA may be "auto": searched per layer
+group, groups without a fold target smoothed at run time), sqALPHA-dynamic, sqALPHA-rt (fixed alpha with
+run-time smoothing where no fold exists).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ def recipe(row: str, observer: str) -> Recipe:
     if row.endswith("dynamic"):
         args["dynamic"] = True
     if row.startswith("sq"):
-        args["smoothquant"] = float(row[2:].split("-")[0])
+        alpha = row[2:].split("-")[0]
+        args["smoothquant"] = alpha if alpha == "auto" else float(alpha)
+    if row.endswith("-rt"):
+        args["smooth_runtime"] = True
     return Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True), method_args=args)
 
 

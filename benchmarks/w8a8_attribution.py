@@ -1,6 +1,8 @@
 """Which layers carry the static-W8A8 loss: one layer kind at a time static (calibrated per-tensor int8
 activations, optionally with SmoothQuant), every other linear W8A8 dynamic (per-token, nearly lossless),
-so each row's drop from the all-dynamic row is that kind's share.
+so each row's drop from the all-dynamic row is that kind's share. The model is calibrated once; a W8A8
+module with act_scale 0 quantizes per token, so the other kinds are switched to dynamic by zeroing theirs
+(with SmoothQuant they keep their smoothing, which per-token scales do not need but do not mind).
 
 Kinds are module-name globs: SmolLM2 q/k/v, o_proj, gate/up, down_proj; MiniLM query/key/value, attention
 output, intermediate, output (FFN down). Metrics as in w8a8_llm.py (SmolLM2: perplexity on `--max-tokens`
@@ -33,17 +35,32 @@ def _w8a8(args: dict, targets: tuple[str, ...] = ("*",), ignore: tuple[str, ...]
                   ignore=ignore, method_args=args)
 
 
-def build(model_name: str, static: tuple[str, ...], static_args: dict, samples: int):
-    """The model with `static` globs quantized static (calibrated) and every other linear dynamic."""
+def calibrated(model_name: str, args: dict, samples: int):
+    """The model with every linear W8A8 static (calibrated on `samples` x 512 tokens)."""
     from bitsmith.models import load_model
 
     lm = load_model(model_name)
-    if static:
-        bitsmith.quantize(lm.model, _w8a8(static_args, targets=static), tokenizer=lm.tokenizer,
-                          n_samples=samples, seq_len=512)
-    bitsmith.quantize(lm.model, _w8a8({"dynamic": True}, ignore=("lm_head", *static)), tokenizer=lm.tokenizer,
-                      n_samples=1, seq_len=64)
+    bitsmith.quantize(lm.model, _w8a8(args), tokenizer=lm.tokenizer, n_samples=samples, seq_len=512)
     return lm
+
+
+def only_static(model, static: tuple[str, ...]) -> dict:
+    """Zero the activation scale (-> dynamic per token) of every W8A8 layer outside the `static` globs;
+    returns the saved scales so `restore` can undo it."""
+    from bitsmith.nn_act import W8A8Linear
+    from bitsmith.select import matches
+
+    saved = {}
+    for name, m in model.named_modules():
+        if isinstance(m, W8A8Linear) and not any(matches(name, p) for p in static):
+            saved[name] = m.act_scale.clone()
+            m.act_scale.zero_()
+    return saved
+
+
+def restore(model, saved: dict) -> None:
+    for name, s in saved.items():
+        model.get_submodule(name).act_scale.copy_(s)
 
 
 def score(model_name: str, lm, max_tokens: int) -> dict:
@@ -78,12 +95,13 @@ def main() -> None:
     kinds = {"none": (), **KINDS[a.model], "all": tuple(g for v in KINDS[a.model].values() for g in v)}
     chosen = a.kinds.split(",") if a.kinds else list(kinds)
     rows = []
+    lm = calibrated(a.model, args, a.samples)
     for kind in chosen:
-        lm = build(a.model, kinds[kind], args, a.samples)
+        saved = only_static(lm.model, kinds[kind])
         row = {"static": kind, **args, **score(a.model, lm, a.max_tokens)}
+        restore(lm.model, saved)
         print(json.dumps(row), flush=True)
         rows.append(row)
-        del lm
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -37,7 +37,7 @@ def recipe(row: str, observer: str) -> Recipe:
     return Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True), method_args=args)
 
 
-def run_row(model_name: str, row: str, observer: str, samples: int) -> dict:
+def run_row(model_name: str, row: str, observer: str, samples: int, max_tokens: int = 4096) -> dict:
     from bitsmith.evaluate import embed, embedding_scores, retrieval_pairs
     from bitsmith.models import load_model, load_text
 
@@ -55,7 +55,7 @@ def run_row(model_name: str, row: str, observer: str, samples: int) -> dict:
                                   embed(ref.model, ref.tokenizer, qt), embed(ref.model, ref.tokenizer, dt))
         out.update(scores, pairs=len(qt))
     else:
-        out.update(bitsmith.perplexity(lm.model, lm.tokenizer, held, seq_len=1024, max_tokens=4096))
+        out.update(bitsmith.perplexity(lm.model, lm.tokenizer, held, seq_len=1024, max_tokens=max_tokens))
     return out
 
 
@@ -65,12 +65,13 @@ def main() -> None:
     ap.add_argument("--rows", default="static,sq0.5")
     ap.add_argument("--observer", default="minmax")
     ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=4096, help="SmolLM2: held-out tokens scored (1024 a window)")
     ap.add_argument("--json")
     a = ap.parse_args()
     torch.manual_seed(0)
     rows = []
     for row in a.rows.split(","):
-        r = run_row(a.model, row, a.observer, a.samples)
+        r = run_row(a.model, row, a.observer, a.samples, a.max_tokens)
         print(json.dumps(r), flush=True)
         rows.append(r)
     if a.json:

@@ -286,26 +286,30 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.slow
 def test_smollm2_smoothquant_lowers_w8a8_error_on_the_first_blocks(smollm2):
-    """4 of 30 blocks, 8 x 256 calibration tokens: SmoothQuant (alpha 0.5) must beat plain static W8A8."""
+    """4 of 30 blocks, 8 x 256 calibration tokens: SmoothQuant (alpha 0.5) must beat plain static W8A8, and
+    the per-group alpha search ("auto") must beat alpha 0.5."""
     from bitsmith.models import calibration_samples, load_text
 
     cal, held = load_text(None)
     calib = calibration_samples(smollm2.tokenizer, cal, 8, 256)
     test_ids = calibration_samples(smollm2.tokenizer, held, 2, 128, seed=3)
     targets = tuple(f"model.layers.{i}.*" for i in range(4))
-    errs = {}
+    errs, reports = {}, {}
     with torch.no_grad():
         want = smollm2.model(test_ids).logits
-        for sq in (None, 0.5):
+        for sq in (None, 0.5, "auto"):
             m = copy.deepcopy(smollm2.model)
             args = {"observer": "percentile"} | ({} if sq is None else {"smoothquant": sq})
-            report = bitsmith.quantize(m, Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True),
-                                                 targets=targets, method_args=args), calib_ids=calib)
+            reports[sq] = bitsmith.quantize(m, Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None,
+                                                                                   symmetric=True),
+                                                      targets=targets, method_args=args), calib_ids=calib)
             errs[sq] = _rel(m(test_ids).logits, want)
             del m
-    folds = {r["name"].split(".")[-1]: r.get("smoothquant") for r in report if r["name"].startswith("model.layers.1.")}
+    folds = {r["name"].split(".")[-1]: r.get("smoothquant") for r in reports[0.5]
+             if r["name"].startswith("model.layers.1.")}
     assert folds["q_proj"] == "fold:input_layernorm" and folds["gate_proj"] == "fold:post_attention_layernorm"
     assert errs[0.5] < 0.8 * errs[None], errs
+    assert errs["auto"] < errs[0.5], errs          # alpha per group (and o_proj smoothed at run time) helps
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ deterministic, seconds on CPU).
 Rows: FP32; W8A8 static PTQ (int8 per-channel weights, int8 per-tensor activations calibrated on 256
 training images, min-max observer) and dynamic; W4A8, W3A8, W2A8 PTQ (symmetric per-channel weights); W4A8 QAT
 (fake-quant fine-tune from the FP32 model, `epochs` epochs, then `convert`) with and without LSQ scales;
-W2A8 QAT (2-bit symmetric = {-1, 0, +1} x scale); W4A8 with one weight scale per tensor (PTQ and QAT).
+W2A8 QAT (2-bit symmetric = {-1, 0, +1} x scale); W4A8 with one weight scale per tensor (PTQ, and QAT for
+`epochs` and twice as many).
 Each quantized row is saved and reloaded; "reloads" says whether the logits came back bit-identical.
 
 The default CNN (32-64-128 wide, 140k weights) is so redundant that 4-bit per-channel PTQ costs it nothing,
@@ -81,6 +82,7 @@ def run(seed: int = 0, epochs: int = 3, rows: tuple[str, ...] | None = None,
         "w4a8 qat": lambda: qat(model, data, 4, epochs),
         "w4a8 qat lsq": lambda: qat(model, data, 4, epochs, lsq=True),
         "w4a8 qat per-tensor": lambda: qat(model, data, 4, epochs, per_tensor=True),
+        "w4a8 qat per-tensor 2x epochs": lambda: qat(model, data, 4, 2 * epochs, per_tensor=True),
         "w2a8 qat": lambda: qat(model, data, 2, epochs),
         "w2a8 qat lsq": lambda: qat(model, data, 2, epochs, lsq=True),
     }

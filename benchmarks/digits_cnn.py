@@ -41,21 +41,25 @@ def digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
     return x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]
 
 
-def make_cnn() -> nn.Sequential:
+WIDTHS = (32, 64, 128)        # conv 1, conv 2, hidden linear
+
+
+def make_cnn(widths: tuple[int, int, int] = WIDTHS) -> nn.Sequential:
+    c1, c2, h = widths
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),         # 0, 1
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),        # 2, 3
-        nn.MaxPool2d(2), nn.Flatten(),                     # 4, 5: (64, 4, 4)
-        nn.Linear(64 * 16, 128), nn.ReLU(),                # 6, 7
-        nn.Linear(128, 10),                                # 8: the classifier
+        nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(),         # 0, 1
+        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),        # 2, 3
+        nn.MaxPool2d(2), nn.Flatten(),                     # 4, 5: (c2, 4, 4)
+        nn.Linear(c2 * 16, h), nn.ReLU(),                  # 6, 7
+        nn.Linear(h, 10),                                  # 8: the classifier
     )
 
 
-def train(seed: int = 0, epochs: int = 25) -> tuple[nn.Sequential, tuple]:
+def train(seed: int = 0, epochs: int = 25, widths: tuple[int, int, int] = WIDTHS) -> tuple[nn.Sequential, tuple]:
     torch.manual_seed(seed)
     data = digits(seed)
     xtr, ytr = data[0], data[1]
-    model = make_cnn()
+    model = make_cnn(widths)
     fit(model, xtr, ytr, epochs=epochs, lr=3e-3, seed=seed)
     return model.eval(), data
 

@@ -31,6 +31,18 @@ def _bits(text: str) -> int:
     return b
 
 
+def _alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        a = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--smoothquant takes an alpha in [0, 1] or 'auto', got {text!r}") from None
+    if not 0.0 <= a <= 1.0:
+        raise argparse.ArgumentTypeError(f"--smoothquant takes an alpha in [0, 1] or 'auto', got {a}")
+    return a
+
+
 def _group_size(text: str) -> int | None:
     try:
         g = int(text)
@@ -332,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--damp", type=float, default=None, help="GPTQ: damping as a fraction of the mean diagonal (0.01)")
     q.add_argument("--observer", choices=("minmax", "ema", "percentile", "mse", "entropy"), default=None,
                    help="w8a8: how static activation ranges are chosen from calibration (default minmax)")
-    q.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
-                   help="w8a8: SmoothQuant with migration strength ALPHA in [0, 1] (e.g. 0.5)")
+    q.add_argument("--smoothquant", type=_alpha, default=None, metavar="ALPHA",
+                   help="w8a8: SmoothQuant with migration strength ALPHA in [0, 1] (e.g. 0.5), or 'auto' "
+                   "(alpha searched per layer group on its output error; run-time smoothing where no fold)")
     q.add_argument("--dynamic", action="store_true", help="w8a8: per-token activation scales at run time")
     q.add_argument("--reduce-range", action="store_true",
                    help="w8a8: weights in [-64, 64] (single-pass int8 product on CPUs without VNNI)")

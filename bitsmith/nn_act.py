@@ -6,6 +6,10 @@ token computed at run time (dynamic: `act_scale` = 0, s = max|x_t| / 127). The p
 int32 sum, then y = sum * s_x * s_w + b. On the CPU the sums come from fbgemm (kernels/cpu_w8a8.py); the
 reference is nn.int8_matmul_reference; both are exact, so they agree bit for bit before the float epilogue.
 Conv2d unfolds its input into patches (rows of the flattened weight) and takes the same path.
+`W8A8ScaledLinear` adds SmoothQuant's per-channel division at run time, for inputs that no preceding op can
+absorb it into (BERT's q/k/v and FFN read a LayerNorm output that also feeds the residual): the codes describe
+W diag(s), `input_scale` = 1/s, and the codes are round(x * (input_scale / s_x)), one multiply per element as
+in the plain path, so the product stays one int8 GEMM with one per-tensor activation scale.
 `FP8ActLinear` simulates e4m3 activations (quantize-dequantize; no CPU FP8 GEMM exists) on int8 weights.
 The weights sit in `_Packed`'s storage (8-bit symmetric codes q + 128), so checkpoints, `inspect` and the
 exporters read them like any other QuantLinear; the activation scale is a transform buffer.
@@ -30,13 +34,18 @@ QMAX = 127
 
 
 # ---- pure activation math --------------------------------------------------------------------------------
-def quantize_act(x2: torch.Tensor, act_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) float -> integer codes in [-127, 127] as float (M, K), and the scale: () static or (M, 1) dynamic."""
+def quantize_act(x2: torch.Tensor, act_scale: torch.Tensor, input_scale: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float -> integer codes in [-127, 127] as float (M, K), and the scale: () static or (M, 1) dynamic.
+    `input_scale` (K,) multiplies x first (run-time smoothing); statically it joins the one multiply by 1/s."""
     x2 = x2.float()
     if float(act_scale.reshape(-1)[0]) > 0:
         s = act_scale.reshape(()).float()
-    else:
-        s = x2.abs().amax(-1, keepdim=True).clamp(min=1e-12) / QMAX                 # (M, 1) per token
+        y = x2 / s if input_scale is None else x2 * (input_scale.float() / s)
+        return torch.clamp(torch.round(y), -QMAX, QMAX), s
+    if input_scale is not None:
+        x2 = x2 * input_scale.float()
+    s = x2.abs().amax(-1, keepdim=True).clamp(min=1e-12) / QMAX                     # (M, 1) per token
     return torch.clamp(torch.round(x2 / s), -QMAX, QMAX), s
 
 
@@ -92,7 +101,7 @@ def _pack(mod) -> cpu_w8a8.Pack:
 
 def w8a8_rows(mod, x2: torch.Tensor) -> torch.Tensor:
     """(M, K) float -> (M, N) float32 without bias: quantize activations, integer product, rescale."""
-    q, s = quantize_act(x2, mod.act_scale)
+    q, s = quantize_act(x2, mod.act_scale, getattr(mod, "input_scale", None))
     return int8_rows(mod, q, use_kernel(x2)) * s
 
 
@@ -120,6 +129,14 @@ class W8A8Linear(QuantLinear):
     def extra_repr(self) -> str:
         act = "dynamic per-token" if self.dynamic else f"static {float(self.act_scale.reshape(-1)[0]):.4g}"
         return f"{super().extra_repr()}, act=int8 {act}"
+
+
+class W8A8ScaledLinear(W8A8Linear):
+    """W8A8 with a run-time per-input-channel scale (SmoothQuant without a fold target): the codes describe
+    W diag(s) and `input_scale` = 1/s, so y = Q(x / s) Q(W diag(s))^T approximates x W^T."""
+
+    kind = "linear_w8a8_scaled"
+    TRANSFORMS = ("act_scale", "input_scale")
 
 
 class W8A8Conv2d(QuantConv2d):
@@ -171,5 +188,5 @@ def _pair(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-ACT_LINEAR_CLASSES = (W8A8Linear, FP8ActLinear)
+ACT_LINEAR_CLASSES = (W8A8Linear, W8A8ScaledLinear, FP8ActLinear)
 ACT_CONV_CLASSES = (W8A8Conv2d,)

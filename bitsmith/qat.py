@@ -2,7 +2,8 @@
 
 prepare_qat swaps each selected Linear / Conv2d for a fake-quant twin that keeps the float weight trainable
 and rounds it on every forward to the recipe's grid (symmetric, one scale per output channel), and rounds
-its input to int8 (per-tensor symmetric) unless `act_bits=None`. Rounding passes gradients straight through
+its input to int8 (per-tensor symmetric) unless `act_bits=None`; `per_tensor=True` gives each weight one
+scale instead of one per output channel (converted as equal per-channel scales). Rounding passes gradients straight through
 (STE, Bengio et al. 2013; values outside the clamp get none). Scales are either recomputed from the data
 (weights: max|w| / qmax each step; activations: a moving average of the batch max |x|, frozen in eval
 mode) or, with `lsq=True`, learned (LSQ, Esser et al. 2020: the gradient reaches the step size, scaled
@@ -45,11 +46,13 @@ def fake_quant(x: torch.Tensor, s: torch.Tensor, qmax: int) -> torch.Tensor:
 class _FakeQuant(nn.Module):
     """Shared state of a fake-quant layer: weight bits / scale, activation scale (EMA or learned)."""
 
-    def _setup(self, scheme: Scheme, act_bits: int | None, lsq: bool, momentum: float) -> None:
+    def _setup(self, scheme: Scheme, act_bits: int | None, lsq: bool, momentum: float,
+               per_tensor: bool = False) -> None:
         self.scheme, self.act_bits, self.lsq, self.momentum = scheme, act_bits, lsq, momentum
+        self.per_tensor = per_tensor
         self.wq = (1 << (scheme.bits - 1)) - 1
         w = self.weight.detach().reshape(self.weight.shape[0], -1)
-        init = (w.abs().amax(1) / self.wq).clamp(min=1e-8)                        # (N,)
+        init = (self._absmax(w) / self.wq).clamp(min=1e-8)                        # (N,) or (1,)
         self.w_scale = nn.Parameter(init) if lsq else None
         self.aq = None if act_bits is None else (1 << (act_bits - 1)) - 1
         if lsq and act_bits is not None:
@@ -57,11 +60,17 @@ class _FakeQuant(nn.Module):
         else:
             self.register_buffer("a_scale", torch.zeros(()))                       # 0 = not yet observed
 
+    def _absmax(self, w: torch.Tensor) -> torch.Tensor:
+        return w.abs().amax().reshape(1) if self.per_tensor else w.abs().amax(1)
+
     def weight_scale(self) -> torch.Tensor:
+        """(N,) step sizes, one per output channel (equal ones under `per_tensor`)."""
         w = self.weight.reshape(self.weight.shape[0], -1)
         if self.lsq:
-            return grad_scale(self.w_scale.abs().clamp(min=1e-8), 1.0 / math.sqrt(w.numel() * self.wq))
-        return (w.detach().abs().amax(1) / self.wq).clamp(min=1e-8)
+            s = grad_scale(self.w_scale.abs().clamp(min=1e-8), 1.0 / math.sqrt(w.numel() * self.wq))
+        else:
+            s = (self._absmax(w.detach()) / self.wq).clamp(min=1e-8)
+        return s.expand(w.shape[0])
 
     def fq_weight(self) -> torch.Tensor:
         s = self.weight_scale().view(-1, *([1] * (self.weight.dim() - 1)))
@@ -115,9 +124,10 @@ def _twin(mod: nn.Module) -> nn.Module:
 
 
 def prepare_qat(model: nn.Module, recipe: Recipe | str, *, act_bits: int | None = 8, lsq: bool = False,
-                momentum: float = 0.1) -> nn.Module:
+                momentum: float = 0.1, per_tensor: bool = False) -> nn.Module:
     """Swap the recipe's Linear / Conv2d targets for fake-quant twins, in place; returns the model.
-    Weights: `recipe.scheme.bits`, symmetric per output channel; inputs: `act_bits` per tensor (None: off)."""
+    Weights: `recipe.scheme.bits`, symmetric per output channel (or per tensor); inputs: `act_bits` per
+    tensor (None: off)."""
     if isinstance(recipe, str):
         recipe = Recipe.preset(recipe)
     s = recipe.scheme
@@ -130,10 +140,11 @@ def prepare_qat(model: nn.Module, recipe: Recipe | str, *, act_bits: int | None 
         raise BitsmithError("the recipe selects no Linear or Conv2d to train with fake quantization")
     for name, mod in chosen:
         twin = _twin(mod)
-        twin._setup(scheme, act_bits, lsq, momentum)
+        twin._setup(scheme, act_bits, lsq, momentum, per_tensor)
         set_submodule(model, name, twin)
+    args = {"act_bits": act_bits, "lsq": lsq, "per_tensor": per_tensor}
     setattr(model, RECIPE_ATTR, Recipe(method="qat", scheme=scheme, targets=recipe.targets, ignore=recipe.ignore,
-                                       method_args={"act_bits": act_bits, "lsq": lsq}, keep_dtype=None))
+                                       method_args=args, keep_dtype=None))
     return model
 
 

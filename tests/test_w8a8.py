@@ -220,6 +220,39 @@ def test_digits_cnn_w8a8_and_qat():
     assert rows["w8a8 static (minmax)"]["reloads"] and rows["w4a8 qat"]["reloads"]
 
 
+def test_digits_narrow_cnn_w4a8_ptq_loses_and_qat_recovers():
+    """The 4-8-16 CNN (4.6k weights) has no spare capacity: 4-bit PTQ costs it points, QAT wins them back.
+    Measured (seed 0, 3 epochs, 1 thread): FP32 97.50%, W8A8 97.78%, W4A8 PTQ 94.72%, W4A8 QAT 97.22%."""
+    pytest.importorskip("sklearn")
+    torch.set_num_threads(1)
+    rows = {r["config"]: r["accuracy"] for r in _digits_bench().run(
+        seed=0, epochs=3, widths=(4, 8, 16), rows=("fp32", "w8a8 static (minmax)", "w4a8 ptq", "w4a8 qat"))}
+    fp32 = rows["fp32"]
+    assert rows["w8a8 static (minmax)"] >= fp32 - 0.01
+    assert rows["w4a8 ptq"] <= fp32 - 0.015, rows                    # PTQ at 4 bits loses clearly
+    assert rows["w4a8 qat"] >= fp32 - 0.01, rows                     # QAT recovers to within 1 point
+
+
+def test_per_tensor_weights_share_one_scale_in_ptq_and_qat():
+    torch.manual_seed(5)
+    model = _tiny_cnn()
+    with torch.no_grad():
+        model[3].weight[0] *= 20                                     # one wide output channel
+    x = torch.randn(16, 2, 6, 6)
+    recipe = Recipe(method="w8a8", scheme=Scheme(bits=4, group_size=None, symmetric=True), ignore=(),
+                    method_args={"per_tensor": True})
+    ptq = copy.deepcopy(model)
+    bitsmith.quantize(ptq, recipe, calib_ids=x)
+    s = ptq[3].scales().float().view(-1)
+    assert torch.all(s == s[0]) and float(s[0]) == pytest.approx(float(model[3].weight.detach().abs().max()) / 7, rel=1e-3)
+    fake = prepare_qat(copy.deepcopy(model), Recipe(scheme=Scheme(bits=4, group_size=None), ignore=()),
+                       per_tensor=True)
+    fake(x)
+    convert(fake)
+    s = fake[3].scales().float().view(-1)
+    assert torch.all(s == s[0])
+
+
 def test_cli_w8a8_smoothquant_quantizes_reloads_and_evaluates(tiny_llama, tmp_path, capsys):
     import json
 
@@ -253,26 +286,30 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.slow
 def test_smollm2_smoothquant_lowers_w8a8_error_on_the_first_blocks(smollm2):
-    """4 of 30 blocks, 8 x 256 calibration tokens: SmoothQuant (alpha 0.5) must beat plain static W8A8."""
+    """4 of 30 blocks, 8 x 256 calibration tokens: SmoothQuant (alpha 0.5) must beat plain static W8A8, and
+    the per-group alpha search ("auto") must beat alpha 0.5."""
     from bitsmith.models import calibration_samples, load_text
 
     cal, held = load_text(None)
     calib = calibration_samples(smollm2.tokenizer, cal, 8, 256)
     test_ids = calibration_samples(smollm2.tokenizer, held, 2, 128, seed=3)
     targets = tuple(f"model.layers.{i}.*" for i in range(4))
-    errs = {}
+    errs, reports = {}, {}
     with torch.no_grad():
         want = smollm2.model(test_ids).logits
-        for sq in (None, 0.5):
+        for sq in (None, 0.5, "auto"):
             m = copy.deepcopy(smollm2.model)
             args = {"observer": "percentile"} | ({} if sq is None else {"smoothquant": sq})
-            report = bitsmith.quantize(m, Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True),
-                                                 targets=targets, method_args=args), calib_ids=calib)
+            reports[sq] = bitsmith.quantize(m, Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None,
+                                                                                   symmetric=True),
+                                                      targets=targets, method_args=args), calib_ids=calib)
             errs[sq] = _rel(m(test_ids).logits, want)
             del m
-    folds = {r["name"].split(".")[-1]: r.get("smoothquant") for r in report if r["name"].startswith("model.layers.1.")}
+    folds = {r["name"].split(".")[-1]: r.get("smoothquant") for r in reports[0.5]
+             if r["name"].startswith("model.layers.1.")}
     assert folds["q_proj"] == "fold:input_layernorm" and folds["gate_proj"] == "fold:post_attention_layernorm"
     assert errs[0.5] < 0.8 * errs[None], errs
+    assert errs["auto"] < errs[0.5], errs          # alpha per group (and o_proj smoothed at run time) helps
 
 
 @pytest.mark.slow
@@ -291,3 +328,171 @@ def test_minilm_w8a8_embeddings_track_fp32(minilm, eval_text):
     # measured on 64 pairs: cosine 0.9974, retrieval agreement 98.4% (static min-max: 0.982, 93.8%; static
     # percentile / mse clip BERT's outlier channels and do worse: 0.895 / 0.922)
     assert s["cosine"] >= 0.99 and s["retrieval_agreement"] >= 0.9, s
+
+
+@pytest.mark.slow
+def test_minilm_static_w8a8_with_runtime_smoothing_tracks_fp32(minilm, eval_text):
+    """Static per-tensor activations plus SmoothQuant alpha searched per group, smoothed at run time (no
+    LayerNorm in BERT can absorb 1/s): plain static min-max misses the cosine bar, this meets it."""
+    from bitsmith.evaluate import embed, embedding_scores, retrieval_pairs
+    from bitsmith.models import calibration_samples, load_text
+    from bitsmith.nn_act import W8A8ScaledLinear
+
+    q_text, d_text = retrieval_pairs(eval_text, n=24)
+    ref = (embed(minilm.model, minilm.tokenizer, q_text), embed(minilm.model, minilm.tokenizer, d_text))
+    calib = calibration_samples(minilm.tokenizer, load_text(None)[0], 4, 256)
+    scores = {}
+    for name, args in {"static": {}, "auto": {"smoothquant": "auto"}}.items():
+        m = copy.deepcopy(minilm.model)
+        recipe = Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True), method_args=args)
+        bitsmith.quantize(m, recipe, calib_ids=calib)
+        if name == "auto":
+            assert sum(isinstance(x, W8A8ScaledLinear) for x in m.modules()) >= 12
+        scores[name] = embedding_scores(embed(m, minilm.tokenizer, q_text), embed(m, minilm.tokenizer, d_text), *ref)
+        del m
+    assert scores["auto"]["cosine"] >= 0.99 > scores["static"]["cosine"], scores
+    assert scores["auto"]["retrieval_agreement"] >= scores["static"]["retrieval_agreement"], scores
+
+
+class SharedNormLinear(nn.Module):
+    """A LayerNorm whose output feeds a Linear *and* the residual (as BERT's q/k/v and FFN inputs): no fold
+    target for SmoothQuant's 1/s, with two planted outlier channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(64)
+        self.proj = nn.Linear(64, 64)
+        with torch.no_grad():
+            self.norm.weight[[3, 17]] = 40.0
+
+    def forward(self, x):
+        h = self.norm(x)
+        return h + self.proj(h)
+
+    def branch(self, x):
+        return self.proj(self.norm(x))
+
+
+def _w8a8(args: dict) -> Recipe:
+    return Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True), ignore=(), method_args=args)
+
+
+@pytest.mark.parametrize("sq", [0.5, "auto"])
+def test_runtime_smoothing_lowers_static_error_without_a_fold_target(sq, tmp_path):
+    from bitsmith.nn_act import W8A8ScaledLinear
+
+    torch.manual_seed(6)
+    x = torch.randn(48, 16, 64)
+    errs, kinds = {}, {}
+    for name, args in {"plain": {}, "no runtime": {"smoothquant": sq, "smooth_runtime": False},
+                       "runtime": {"smoothquant": sq, "smooth_runtime": True}}.items():
+        torch.manual_seed(6)
+        m = SharedNormLinear()
+        ref = m.branch(x).detach()
+        report = bitsmith.quantize(m, _w8a8(args), calib_ids=x[:32])
+        kinds[name] = (type(m.proj).__name__, report[0].get("smoothquant"))
+        with torch.no_grad():
+            errs[name] = _rel(m.branch(x[32:]), ref[32:])
+        if name == "runtime":
+            assert isinstance(m.proj, W8A8ScaledLinear) and report[0]["smoothquant"] == "runtime"
+            assert torch.equal(m.norm.weight[[3, 17]], torch.tensor([40.0, 40.0]))     # nothing folded
+            bitsmith.save(m, tmp_path / "rt")
+            back = bitsmith.load(tmp_path / "rt", SharedNormLinear())
+            assert type(back.proj) is W8A8ScaledLinear
+            with torch.no_grad():
+                assert torch.equal(back(x), m(x))
+    assert kinds["no runtime"] == ("W8A8Linear", "none") and errs["no runtime"] == errs["plain"]
+    assert errs["runtime"] < 0.4 * errs["plain"], errs
+
+
+def test_scaled_w8a8_is_the_integer_formula_and_matches_the_reference():
+    from bitsmith.nn_act import W8A8ScaledLinear
+
+    torch.manual_seed(7)
+    m = SharedNormLinear()
+    w_float = m.proj.weight.detach().clone()
+    x = torch.randn(24, 8, 64)
+    bitsmith.quantize(m, _w8a8({"smoothquant": 0.5, "smooth_runtime": True}), calib_ids=x[:16])
+    lin = m.proj
+    assert isinstance(lin, W8A8ScaledLinear)
+    h = m.norm(x).detach().reshape(-1, 64)
+    qw = lin.qweight()
+    w = (qw.codes.float() - 128) * qw.scale.float()                  # (N, K): the codes describe W diag(s)
+    sx = float(lin.act_scale)
+    xq = torch.clamp(torch.round(h * (lin.input_scale / sx)), -127, 127) * sx
+    with torch.no_grad():
+        y = lin(h)
+        assert torch.allclose(y, xq @ w.t() + lin.bias, atol=1e-4)
+        bitsmith.kernels.set_policy("reference")
+        try:
+            y_ref = lin(h)
+        finally:
+            bitsmith.kernels.set_policy(None)
+    assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    # dequantize_weight gives W back (s folded out), so inspect / GGUF re-encoding see the float layer
+    from bitsmith.primitives import dequantize_weight
+
+    w_back = dequantize_weight(qw)
+    assert torch.allclose(w_back, w * lin.input_scale.view(1, -1)) and _rel(w_back, w_float) < 0.05
+
+
+def test_smoothed_minmax_range_covers_every_calibration_row():
+    from bitsmith.methods.smoothquant import smoothed_hist
+    from bitsmith.observers import ChannelAbsMax
+
+    torch.manual_seed(8)
+    x = torch.randn(5000, 32)                                        # more rows than the histogram keeps
+    x[4321, 5] = 30.0                                                # one peak, most likely not kept
+    h, a = Histogram(), ChannelAbsMax(32)
+    for chunk in x.split(1000):
+        h.update(chunk)
+        a.update(chunk)
+    s = torch.rand(32) + 0.5
+    assert clip_range(smoothed_hist(h, a.result(), s), "minmax") == pytest.approx(float((x / s).abs().max()))
+
+
+def test_runtime_smoothing_exports_to_onnx_qdq_and_matmulnbits(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from bitsmith.export import onnx as ox
+    from bitsmith.models import LoadedModel
+
+    torch.manual_seed(9)
+    m = SharedNormLinear().eval()
+    x = torch.randn(24, 8, 64)
+    bitsmith.quantize(m, _w8a8({"smoothquant": 0.5, "smooth_runtime": True}), calib_ids=x[:16])
+    import onnxruntime as ort
+
+    for mode in ("qdq", "matmulnbits"):
+        res = ox.write(LoadedModel(m, None, "m", "module", None), tmp_path / mode, mode=mode, example=(x[:2],))
+        sess = ort.InferenceSession(str(tmp_path / mode / ox.MODEL_FILE), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+        with torch.no_grad():
+            want = m(x) if mode == "qdq" else m.norm(x) + nn.functional.linear(
+                m.norm(x), bitsmith.primitives.dequantize_weight(m.proj.qweight()), m.proj.bias)
+        assert res["quantized_layers"] == 1
+        # qdq: the Mul by 1/s and QuantizeLinear round like bitsmith's fused multiply up to float ties
+        assert _rel(got, want) < (2e-3 if mode == "qdq" else 1e-5), mode
+
+
+def test_cli_smoothquant_auto_smooths_at_run_time_and_inspects(tiny_llama, tmp_path, capsys):
+    import json
+
+    from bitsmith.nn_act import W8A8ScaledLinear
+    from tests.helpers import run_cli
+
+    out = tmp_path / "auto"
+    code, _, err = run_cli(["quantize", tiny_llama, "--method", "w8a8", "--smoothquant", "auto", "--calib-samples",
+                            "4", "--calib-seq-len", "32", "-o", out], capsys)
+    assert code == 0, err
+    report = json.loads((out / "quant_report.json").read_text())["layers"]
+    assert all("smoothquant_alpha" in r for r in report)
+    model = bitsmith.load(out)
+    scaled = [n for n, m in model.named_modules() if isinstance(m, W8A8ScaledLinear)]
+    assert len(scaled) == sum(r.get("smoothquant") == "runtime" for r in report)
+    assert scaled and all(n.endswith("o_proj") for n in scaled)         # GQA: v_proj cannot absorb 1/s
+    code, stdout, err = run_cli(["inspect", out, "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["quantized_layers"] == 14, err          # input_scale counted in
+    code, _, err = run_cli(["quantize", tiny_llama, "--method", "w8a8", "--smoothquant", "1.5", "-o", tmp_path / "x"],
+                           capsys)
+    assert code != 0 and "alpha in [0, 1] or 'auto'" in err

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BitsmithError
-from ..nn import InputScaledLinear, QuantConv2d, QuantLinear, _Packed
+from ..nn import QuantConv2d, QuantLinear, _Packed
 from ..nn_act import QMAX
 from ..numerics import IntGrid
 from ..packing import pack
@@ -100,7 +100,9 @@ class MatMulNBitsLinear(nn.Module):
         self.register_buffer("scales", t["scales"])
         self.register_buffer("zero_points", t.get("zero_points"))
         self.register_buffer("perm", None if qw.perm is None else qw.perm.long())
-        self.register_buffer("input_scale", mod.input_scale.float() if isinstance(mod, InputScaledLinear) else None)
+        # AWQ's InputScaledLinear and W8A8's run-time smoothing (W8A8ScaledLinear) both keep 1/s here
+        scaled = "input_scale" in (mod.transform_spec or {})
+        self.register_buffer("input_scale", mod.input_scale.float() if scaled else None)
         self.bias = None if mod.bias is None else nn.Parameter(mod.bias.detach().float(), requires_grad=False)
         self._weight = dequantize_matmulnbits(t)                            # (N, K) eager reference only
 
@@ -131,7 +133,9 @@ def qdq_weight(qw: QWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     uint8 with their zero points; symmetric ones become int8 (code - 128) with zero 0, the signed form
     ONNX Runtime's integer kernels prefer for weights."""
     s = qw.scheme
-    transform = {k: v for k, v in (qw.transform or {}).items() if k != "act_scale"}   # the scale is the input's
+    transform = dict(qw.transform or {})
+    if "act_scale" in transform:       # the scales are the input's; W8A8's run-time smoothing becomes a Mul
+        transform = {k: v for k, v in transform.items() if k not in ("act_scale", "input_scale")}
     if s.grid != "int" or s.bits != 8 or qw.scale.shape[1] != 1 or qw.perm is not None or transform:
         raise BitsmithError(f"QDQ export takes plain 8-bit per-channel integer weights (--bits 8 --group-size -1, "
                             f"method rtn/gptq without act-order), got {s.label()}")
@@ -200,6 +204,10 @@ class QDQModule(nn.Module):
         self.register_buffer("x_scale", act_scale)
         self.register_buffer("x_zero", act_zero)
         self.register_buffer("x_floor", act_floor)
+        # W8A8 with run-time SmoothQuant (nn_act.W8A8ScaledLinear): a Mul by 1/s before QuantizeLinear
+        spec = mod.transform_spec or {}
+        smooth = "input_scale" in spec and "act_scale" in spec
+        self.register_buffer("input_scale", mod.input_scale.float() if smooth else None)
         self.bias = None if mod.bias is None else nn.Parameter(mod.bias.detach().float(), requires_grad=False)
 
     def weight(self) -> torch.Tensor:
@@ -210,6 +218,8 @@ class QDQModule(nn.Module):
         return (self.codes.float() - self.w_zero.float().view(view)) * self.w_scale.view(view)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
         x = _qdq(x, self.x_scale, self.x_zero, self.x_floor)
         if self.conv:
             return F.conv2d(x, self.weight(), self.bias, *self.conv_args)

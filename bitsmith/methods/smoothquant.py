@@ -52,10 +52,12 @@ def smoothed_hist(hist: Histogram, act_absmax: torch.Tensor, s: torch.Tensor) ->
 
 
 def fake_w8a8(x: torch.Tensor, w: torch.Tensor, t: float, wmax: int) -> torch.Tensor:
-    """x (T, K) W^T with x on a static symmetric int8 grid of range t and w (N, K) per output channel on
-    [-wmax, wmax]: what a W8A8 module computes, in float."""
-    sx = max(t, 1e-8) / 127
-    xq = torch.clamp(torch.round(x / sx), -127, 127) * sx
+    """x (T, K) W^T with x on a static symmetric int8 grid of range t (the modules' own quantize_act) and
+    w (N, K) per output channel on [-wmax, wmax]: what a W8A8 module computes, in float."""
+    from ..nn_act import QMAX, quantize_act     # here: nn_act -> nn -> nn_act at import time
+
+    q, sx = quantize_act(x, torch.tensor([max(t, 1e-8) / QMAX]))
+    xq = q * sx
     sw = (w.abs().amax(1, keepdim=True) / wmax).clamp(min=1e-12)
     return xq @ (torch.clamp(torch.round(w / sw), -wmax, wmax) * sw).t()
 

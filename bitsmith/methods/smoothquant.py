@@ -44,7 +44,8 @@ def smooth_scales(act_absmax: torch.Tensor, w: torch.Tensor, alpha: float) -> to
 
 def smoothed_hist(hist: Histogram, act_absmax: torch.Tensor, s: torch.Tensor) -> Histogram:
     """The histogram of X / s. Its bins come from the kept sample rows, but its largest |x| is exact:
-    max over all rows of |x_ij| / s_j = max_j (max|X_j| / s_j), so min-max ranges see every calibration row."""
+    max over all rows of |x_ij| / s_j = max_j (max|X_j| / s_j), so min-max ranges see every calibration
+    row."""
     h = hist.rescaled(s)
     bound = float((act_absmax.float() / s.to(act_absmax.device).float()).max())
     h.hi = max(h.hi, bound)          # clip_range's "minmax" is max(-lo, hi); the sign of the peak is unknown
@@ -89,7 +90,8 @@ def search_alpha(stats: dict, w: torch.Tensor, *, grid=AUTO_GRID, observer: str 
 def transform_block(block: nn.Module, groups: list, mods: dict[str, nn.Module], stats: dict[str, dict | None],
                     *, probe: Callable[[], torch.Tensor], alpha: float | str = 0.5, runtime: bool = False,
                     observer: str = "minmax", percentile: float = 99.99, wmax: int = 127,
-                    info: dict[str, dict] | None = None, fold_tol: float | None = None) -> dict[str, dict | None]:
+                    info: dict[str, dict] | None = None, fold_tol: float | None = None
+                    ) -> dict[str, dict | None]:
     """Smooth every group of float linears whose input has a fold target (or, with `runtime`, any group),
     in place and output-preserving. Returns stats for the smoothed inputs: channel absmax / s, histograms
     rebuilt from kept rows, and "input_scale" = 1/s where the module must apply it at run time."""

@@ -183,11 +183,20 @@ def test_gemv1_split_k_is_deterministic_and_reusable(act_order, bits):
         assert torch.equal(y1, y2), cfg
         for ws, cnt in pack.scratch.values():
             assert int(cnt.abs().sum()) == 0         # every row block's counter is back at zero
+    # the half-conversion GEMV: ragged row blocks (200 rows), uneven splits, K steps of 8..64 words
+    for split, block_n, block_w, warps in [(1, 32, 16, 4), (3, 64, 8, 4), (8, 256, 16, 4), (16, 128, 32, 8),
+                                           (5, 128, 64, 4)]:
+        cfg = {"split_k": split, "block_n": block_n, "block_w": block_w, "num_warps": warps}
+        y1 = triton_wq.gemv1h(x, pack, mod.bias.half(), **cfg)
+        y2 = triton_wq.gemv1h(x, pack, mod.bias.half(), **cfg)
+        assert_matches(y1, ref)
+        assert torch.equal(y1, y2), cfg
+        assert all(int(cnt.abs().sum()) == 0 for _, cnt in pack.scratch.values())
 
 
 @gpu
 def test_quantlinear_on_cuda_dispatches_by_m():
-    mod, qw = make_layer(4096, Scheme(bits=4, group_size=128), act_order=False)
+    mod, _ = make_layer(4096, Scheme(bits=4, group_size=128), act_order=False)
     mod = mod.cuda()
     picks = {m: kernels.select(mod, torch.randn(m, 4096, device="cuda", dtype=torch.float16)) for m in (1, 8, 64)}
     assert picks == {1: "triton_gemv1", 8: "triton_gemm", 64: "triton_gemm"}

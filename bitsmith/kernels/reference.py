@@ -22,10 +22,17 @@ def weight_only_linear(x: torch.Tensor, qw: QWeight, bias: torch.Tensor | None =
     return y.to(x.dtype)
 
 
+def _row_scale(x: torch.Tensor, qmax: float) -> torch.Tensor:
+    """absmax * fp32(1 / qmax), spelled out: `t / scalar` is an exact division on the CPU but torch's CUDA
+    kernel multiplies by the rounded reciprocal, 1 ulp off in about half the rows, so the oracle would
+    depend on its device (the kernels compute this same product)."""
+    return x.abs().amax(-1, keepdim=True).clamp(min=1e-12) * torch.tensor(1.0 / qmax, dtype=torch.float32)
+
+
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (per-token) symmetric int8: (M, K) float -> codes (M, K) int8, scales (M, 1) float32."""
     x = x.float()
-    s = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127.0
+    s = _row_scale(x, 127.0)
     return torch.clamp(torch.round(x / s), -127, 127).to(torch.int8), s
 
 
@@ -45,7 +52,7 @@ def w8a8_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row absmax e4m3: (M, K) -> codes (M, K) float8_e4m3fn, scales (M, 1) float32."""
     x = x.float()
-    s = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / FP8_E4M3_MAX
+    s = _row_scale(x, FP8_E4M3_MAX)
     return (x / s).to(torch.float8_e4m3fn), s
 
 

@@ -1,8 +1,10 @@
 """Fused dequantize-matmul Triton kernels for weight-only integer quantization (W4A16, W8A16).
 
-Four kernels over the layout of layout.py (codes as int32 words, 32/bits codes per word, low bits first):
+Five kernels over the layout of layout.py (codes as int32 words, 32/bits codes per word, low bits first):
   gemv1    M = 1: CUDA cores, one launch: x read in the weights' stored column order (no gather unless
            act-order), split K reduced by the last program of each row block (no memset, no cast pass).
+  gemv1h   M = 1, the same contract with fewer instructions per code (codes to fp32 through fp16 halves,
+           _dqf); not faster on the H200, so only called directly (README).
   gemv     small M: CUDA cores. Each program owns BLOCK_N output channels and walks K in tiles of whole
            groups (optionally split over SPLIT_K programs, summed with fp32 atomics). Per group it sums
            q * x in fp32 and applies scale and zero once: y += s * (sum q x - z * sum x).
@@ -125,6 +127,59 @@ def _x_codes(xt, CPW: tl.constexpr):
 
 
 @triton.jit
+def _store_rows(y, rn, nmask, B, Y, WS, CNT, N, pid_n, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """y (BLOCK_N,) fp32 partial of rows rn -> Y. Split K without atomics on y: each program writes its
+    partial to WS[pid_k], then bumps a counter per row block; the program that bumps it last sums the
+    SPLIT_K partials in a fixed order (deterministic), writes y in the activation dtype, and resets the
+    counter for the next call."""
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=nmask)
+    else:
+        tl.store(WS + pid_k * N + rn, y, mask=nmask)
+        tl.debug_barrier()                       # every thread's partial is written before the release below
+        done = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT_K - 1:                  # the last program of this row block reduces
+            tot = tl.zeros_like(y)
+            for kk in tl.static_range(SPLIT_K):
+                tot += tl.load(WS + kk * N + rn, mask=nmask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                tot += tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)
+            tl.store(Y + rn, tot.to(Y.dtype.element_ty), mask=nmask)
+            tl.atomic_xchg(CNT + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _step_scales(S, Z, t, word, wmask, rn, nmask, N, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr):
+    """fp32 scales and zero points of K step t's words for rows rn: (BLOCK_N, 1) when the step lies in one
+    group (BLOCK_W <= words per group), else (BLOCK_N, BLOCK_W), one per word."""
+    if BLOCK_W <= WPG:
+        g = (t * BLOCK_W) // WPG
+        if EVEN:
+            s = tl.load(S + g * N + rn).to(tl.float32)[:, None]
+        else:
+            s = tl.load(S + g * N + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+        if HAS_ZERO:
+            if EVEN:
+                z = tl.load(Z + g * N + rn).to(tl.float32)[:, None]
+            else:
+                z = tl.load(Z + g * N + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+        else:
+            z = tl.full((BLOCK_N, 1), 1 << (BITS - 1), tl.float32)
+    else:
+        g = word // WPG
+        gm = nmask[:, None] & wmask[None, :]
+        s = tl.load(S + g[None, :] * N + rn[:, None], mask=gm, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(Z + g[None, :] * N + rn[:, None], mask=gm, other=0.0).to(tl.float32)
+        else:
+            z = tl.full((BLOCK_N, BLOCK_W), 1 << (BITS - 1), tl.float32)
+    return s, z
+
+
+@triton.jit
 def _wq_gemv1_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, BITS: tl.constexpr, GS: tl.constexpr,
                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
                      SPLIT_K: tl.constexpr):
@@ -174,22 +229,139 @@ def _wq_gemv1_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, BITS: tl.constexpr, GS: t
             z = tl.full((BLOCK_N, BLOCK_G), 1 << (BITS - 1), tl.float32)
         acc += s[:, :, None] * part - (s * z)[:, :, None] * xsum[None, :, :]
     y = tl.sum(tl.sum(acc, axis=2), axis=1)                                   # (BN,)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y += tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)
-        tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=nmask)
+    _store_rows(y, rn, nmask, B, Y, WS, CNT, N, pid_n, pid_k, HAS_BIAS, SPLIT_K)
+
+
+def _dqf_ptx(bits: int) -> str:
+    """PTX for _dqf: the codes of the word $CPW as float32 o_i + q, two codes per LOP3 (into the mantissas
+    of a pair of fp16 o_i) and one fp16 -> fp32 conversion each (HADD2.F32, an FP-pipe instruction, where
+    the fp32 route needs integer-pipe work per code). 4 bits: mask 0x000F000F takes codes (0, 4) into
+    mantissa bits 0-3 of fp16 1024 (o = 1024), mask 0x00F000F0 codes (1, 5) into bits 4-7 of fp16 64
+    (o = 64, one unit per 16 ulp); the word shifted by 8 gives (2, 6) and (3, 7) alike: one shift and 4 LOP3
+    per 8 codes. 8 bits: bytes (0, 2) and, shifted by 8, (1, 3) into fp16 1024."""
+    cpw = 32 // bits
+    lines = [".reg .b32 u, t0, t1, t2, t3;", ".reg .b16 l0, l1, l2, l3, h0, h1, h2, h3;", f"shr.u32 u, ${cpw}, 8;"]
+    if bits == 4:     # t0 = codes (0, 4), t1 = (1, 5) x16, t2 = (2, 6), t3 = (3, 7) x16
+        srcs = [(f"${cpw}", "0x000F000F", "0x64006400"), (f"${cpw}", "0x00F000F0", "0x54005400"),
+                ("u", "0x000F000F", "0x64006400"), ("u", "0x00F000F0", "0x54005400")]
+        outs = [(0, 4), (1, 5), (2, 6), (3, 7)]
+    else:             # t0 = codes (0, 2), t1 = (1, 3)
+        srcs = [(f"${cpw}", "0x00FF00FF", "0x64006400"), ("u", "0x00FF00FF", "0x64006400")]
+        outs = [(0, 2), (1, 3)]
+    for j, (src, mask, magic) in enumerate(srcs):
+        lines.append(f"lop3.b32 t{j}, {src}, {mask}, {magic}, 0xEA;")
+        lines.append(f"mov.b32 {{l{j}, h{j}}}, t{j};")
+        lines.append(f"cvt.f32.f16 ${outs[j][0]}, l{j};")
+        lines.append(f"cvt.f32.f16 ${outs[j][1]}, h{j};")
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_DQF4 = tl.constexpr(_dqf_ptx(4))
+_DQF8 = tl.constexpr(_dqf_ptx(8))
+
+
+@triton.jit
+def _dqf(w, BITS: tl.constexpr):
+    """Codes of each int32 word as float32 o_i + q (tuple, code order; o_i from _dqf_ptx: 1024, or 64 for
+    the odd 4-bit codes)."""
+    if BITS == 4:
+        return tl.inline_asm_elementwise(_DQF4, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 8,
+                                         is_pure=True, pack=1)
     else:
-        tl.store(WS + pid_k * N + rn, y, mask=nmask)
-        tl.debug_barrier()                       # every thread's partial is written before the release below
-        done = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
-        if done == SPLIT_K - 1:                  # the last program of this row block reduces
-            tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for kk in tl.static_range(SPLIT_K):
-                tot += tl.load(WS + kk * N + rn, mask=nmask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                tot += tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)
-            tl.store(Y + rn, tot.to(Y.dtype.element_ty), mask=nmask)
-            tl.atomic_xchg(CNT + pid_n, 0, sem="relaxed", scope="gpu")
+        return tl.inline_asm_elementwise(_DQF8, "=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+
+
+@triton.jit
+def _x1(b, wmask, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(b).to(tl.float32)
+    else:
+        return tl.load(b, mask=wmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _x8(X, word, wmask, CPW: tl.constexpr, EVEN: tl.constexpr):
+    """x at the CPW code positions of each word (x[CPW * word + i]), fp32 (tuple of CPW tensors)."""
+    b = X + word * CPW
+    if CPW == 8:
+        return (_x1(b, wmask, EVEN), _x1(b + 1, wmask, EVEN), _x1(b + 2, wmask, EVEN), _x1(b + 3, wmask, EVEN),
+                _x1(b + 4, wmask, EVEN), _x1(b + 5, wmask, EVEN), _x1(b + 6, wmask, EVEN), _x1(b + 7, wmask, EVEN))
+    else:
+        return (_x1(b, wmask, EVEN), _x1(b + 1, wmask, EVEN), _x1(b + 2, wmask, EVEN), _x1(b + 3, wmask, EVEN))
+
+
+@triton.jit
+def _wq_gemv1m_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, BITS: tl.constexpr, GS: tl.constexpr,
+                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                      SPLIT_K: tl.constexpr, EVEN: tl.constexpr):
+    """M = 1 on CUDA cores, 3.7 instructions per 4-bit code against 6.0 for _wq_gemv1_kernel (main loops of
+    both in their sm_90 SASS; the dequantization is _dqf: half a LOP3, one conversion and one FFMA per code).
+    Not faster on the H200 for all that (74.3 vs 66.2 us on 28672x8192, README): neither is issue-bound, so
+    dispatch keeps _wq_gemv1_kernel; kept, tested, as the lower-instruction base for the next try.
+    Program (pid_n, pid_k) owns BLOCK_N rows and a contiguous run of K steps of BLOCK_W words; a flat
+    (BLOCK_N, BLOCK_W) tile keeps each thread on 16-byte vectors of one row and several rows, so the x side
+    of the work (loads, conversions, the offset sums) is shared by the rows a thread holds. The next step's
+    words are loaded before this step's arithmetic (clamped to the program's last step: no predicate).
+    EVEN: N % BLOCK_N == 0 and BLOCK_W divides K / CPW, so nothing is masked.
+    Split K as _wq_gemv1_kernel (last program of a row block reduces, deterministic)."""
+    CPW: tl.constexpr = 32 // BITS
+    WPG: tl.constexpr = GS // CPW
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    steps = tl.cdiv(wpr, BLOCK_W)
+    per = tl.cdiv(steps, SPLIT_K)
+    t0 = pid_k * per
+    t1 = tl.minimum(t0 + per, steps)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = tl.arange(0, BLOCK_W)
+    nmask = rn < N
+    rows = QW + rn[:, None] * wpr
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    ACCW: tl.constexpr = 1 if BLOCK_W <= WPG else BLOCK_W
+    accc = tl.zeros((BLOCK_N, ACCW), dtype=tl.float32)                        # offsets + zero points
+    tl0 = tl.minimum(t0, steps - 1)
+    if EVEN:
+        w = tl.load(rows + (tl0 * BLOCK_W + rw)[None, :], eviction_policy="evict_first")
+    else:
+        word = tl0 * BLOCK_W + rw
+        w = tl.load(rows + word[None, :], mask=nmask[:, None] & (word < wpr)[None, :], other=0,
+                    eviction_policy="evict_first")
+    for t in range(t0, t1):
+        word = t * BLOCK_W + rw
+        wmask = word < wpr
+        nword = tl.minimum(t + 1, t1 - 1) * BLOCK_W + rw                     # next step (in flight)
+        if EVEN:
+            wn = tl.load(rows + nword[None, :], eviction_policy="evict_first")
+        else:
+            wn = tl.load(rows + nword[None, :], mask=nmask[:, None] & (nword < wpr)[None, :], other=0,
+                         eviction_policy="evict_first")
+        s, z = _step_scales(S, Z, t, word, wmask, rn, nmask, N, BITS, HAS_ZERO, BLOCK_N, BLOCK_W, WPG, EVEN)
+        xs = _x8(X, word, wmask, CPW, EVEN)
+        c = _dqf(w, BITS)
+        part = c[0] * xs[0][None, :]
+        for i in tl.static_range(1, CPW):
+            part += c[i] * xs[i][None, :]
+        # sum v x = sum q x + sum o_i x_i: the offsets come off with the zero point, once per row and step,
+        # from the step's sums of x over the codes with o = 1024 (xa) and o = 64 (xb; 4 bits)
+        # (per word when a step spans several groups)
+        if BITS == 4:
+            xa = xs[0] + xs[2] + xs[4] + xs[6]
+            xb = xs[1] + xs[3] + xs[5] + xs[7]
+            if BLOCK_W <= WPG:
+                corr = (1024.0 + z) * tl.sum(xa, axis=0) + (64.0 + z) * tl.sum(xb, axis=0)
+            else:
+                corr = (1024.0 + z) * xa[None, :] + (64.0 + z) * xb[None, :]
+        else:
+            xa = xs[0] + xs[1] + xs[2] + xs[3]
+            if BLOCK_W <= WPG:
+                corr = (1024.0 + z) * tl.sum(xa, axis=0)
+            else:
+                corr = (1024.0 + z) * xa[None, :]
+        acc += s * part
+        accc += s * corr
+        w = wn
+    y = tl.sum(acc, axis=1) - tl.sum(accc, axis=1)                            # (BN,)
+    _store_rows(y, rn, nmask, B, Y, WS, CNT, N, pid_n, pid_k, HAS_BIAS, SPLIT_K)
 
 
 def _dq4_ptx(ty: str, magic: str) -> str:
@@ -277,7 +449,6 @@ def _wq_gemm_kernel(X, QW, S, Z, B, Y, WS, CNT, M, N, K, wpr, stride_xm, stride_
     pid_m = tl.program_id(0)                     # fastest: programs sharing a weight tile run together (L2)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    n_groups = K // GS
     steps = tl.cdiv(wpr, BLOCK_W)
     per = tl.cdiv(steps, SPLIT_K)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -293,27 +464,7 @@ def _wq_gemm_kernel(X, QW, S, Z, B, Y, WS, CNT, M, N, K, wpr, stride_xm, stride_
             w = tl.load(QW + rn[:, None] * wpr + word[None, :])
         else:
             w = tl.load(QW + rn[:, None] * wpr + word[None, :], mask=nmask[:, None] & wmask[None, :], other=0)
-        if BLOCK_W <= WPG:
-            g = (t * BLOCK_W) // WPG
-            if EVEN:
-                s = tl.load(S + g * N + rn).to(tl.float32)[:, None]
-            else:
-                s = tl.load(S + g * N + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
-            if HAS_ZERO:
-                if EVEN:
-                    z = tl.load(Z + g * N + rn).to(tl.float32)[:, None]
-                else:
-                    z = tl.load(Z + g * N + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
-            else:
-                z = tl.full((BLOCK_N, 1), 1 << (BITS - 1), tl.float32)
-        else:
-            g = word // WPG
-            gm = nmask[:, None] & (g < n_groups)[None, :]
-            s = tl.load(S + g[None, :] * N + rn[:, None], mask=gm, other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                z = tl.load(Z + g[None, :] * N + rn[:, None], mask=gm, other=0.0).to(tl.float32)
-            else:
-                z = tl.full((BLOCK_N, BLOCK_W), 1 << (BITS - 1), tl.float32)
+        s, z = _step_scales(S, Z, t, word, wmask, rn, nmask, N, BITS, HAS_ZERO, BLOCK_N, BLOCK_W, WPG, EVEN)
         if ASM:
             c = _dq4_asm(w, tl.broadcast_to(s.to(X.dtype.element_ty), (BLOCK_N, BLOCK_W)),
                          tl.broadcast_to((-(z + (1024.0 if FP16 else 128.0))).to(X.dtype.element_ty),
@@ -417,6 +568,29 @@ def gemv1(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, bloc
     _wq_gemv1_kernel[(n_blocks, split_k)](x, p.qw, p.scale, zero, b, y, ws, cnt, p.n, p.k, BITS=p.bits,
                                           GS=p.group, HAS_ZERO=p.zero is not None, HAS_BIAS=bias is not None,
                                           BLOCK_N=block_n, BLOCK_G=block_g, SPLIT_K=split_k, num_warps=num_warps)
+    return y
+
+
+def gemv1h(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block_n: int = 256,
+           block_w: int | None = None, split_k: int = 1, num_warps: int = 4) -> torch.Tensor:
+    """M = 1 only: the half-conversion GEMV (_wq_gemv1m_kernel); x in stored column order (permuted only
+    under act-order). block_w: words per K step (default: 16 at 4 bits, 32 at 8; one g128 group)."""
+    x = x2 if p.perm is None else x2.index_select(1, p.perm)
+    zero, b = _operands(p, bias)
+    cpw = 32 // p.bits
+    wpr = p.k // cpw
+    if block_w is None:
+        block_w = 16 if p.bits == 4 else 32
+    block_w = min(block_w, triton.next_power_of_2(wpr))
+    split_k = max(1, min(split_k, triton.cdiv(wpr, block_w)))
+    y = torch.empty(1, p.n, device=x2.device, dtype=x2.dtype)
+    n_blocks = triton.cdiv(p.n, block_n)
+    ws, cnt = _scratch(p, ("h", split_k, n_blocks), (split_k, p.n), n_blocks) if split_k > 1 else (y, y)
+    even = p.n % block_n == 0 and wpr % block_w == 0
+    _wq_gemv1m_kernel[(n_blocks, split_k)](x, p.qw, p.scale, zero, b, y, ws, cnt, p.n, p.k, wpr, BITS=p.bits,
+                                           GS=p.group, HAS_ZERO=p.zero is not None, HAS_BIAS=bias is not None,
+                                           BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k, EVEN=even,
+                                           num_warps=num_warps)
     return y
 
 

@@ -216,7 +216,7 @@ def run_shape(n: int, k: int, ms: list[int], tuned: dict) -> list[dict]:
                 continue
             packs = [kernels.operands(mm, "triton_gemm") for mm in w4s]
             if name == "triton_gemv1h":      # M = 1 kernel of this session (what dispatch runs)
-                fns = [lambda p=p: triton_wq.gemv1h(x, p, None, **kernels.gemv1h_config(n, k, 4)) for p in packs]
+                fns = [lambda p=p, x=x: triton_wq.gemv1h(x, p, None, **kernels.gemv1h_config(n, k, 4)) for p in packs]
             elif name == "triton_gemv1":     # the previous M = 1 kernel, same run, for before / after
                 fns = [lambda p=p: triton_wq.gemv1(x, p, None, **kernels.gemv1_config(n, k, 4)) for p in packs]
             elif name == "triton_gemv":
@@ -228,7 +228,8 @@ def run_shape(n: int, k: int, ms: list[int], tuned: dict) -> list[dict]:
             timed(r, f"w4_{name}", fns)
             if name == "triton_gemm" and 16 < m <= 64:     # the rule's 4 warps vs 8 (README)
                 cfg = {**kernels.gemm_config(m, n, k), "num_warps": 8}
-                timed(r, "w4_triton_gemm_8warps", [lambda p=p: triton_wq.gemm(x, p, None, **cfg) for p in packs])
+                timed(r, "w4_triton_gemm_8warps", [lambda p=p, x=x, cfg=cfg: triton_wq.gemm(x, p, None, **cfg)
+                                                   for p in packs])
         r["w4_best"] = min([v for kk, v in r.items() if (kk.startswith("w4_triton") or kk == "w4_auto")
                             and isinstance(v, float)] or [math.nan])
         r["w8_auto_kernel"] = kernels.select(w8s[0], x) or "reference"
@@ -239,7 +240,7 @@ def run_shape(n: int, k: int, ms: list[int], tuned: dict) -> list[dict]:
             cfg8 = {kk: v for kk, v in cfg8.items() if kk != "us"}
             timed(r, "w8_triton_gemv1", [lambda p=p: triton_wq.gemv1(x, p, None, **cfg8) for p in packs8])
             cfg8h = kernels.gemv1h_config(n, k, 8)
-            timed(r, "w8_triton_gemv1h", [lambda p=p: triton_wq.gemv1h(x, p, None, **cfg8h) for p in packs8])
+            timed(r, "w8_triton_gemv1h", [lambda p=p, x=x, c=cfg8h: triton_wq.gemv1h(x, p, None, **c) for p in packs8])
         if m <= 64:
             packs8 = [kernels.operands(mm, "triton_gemv") for mm in w8s]
             cfg8 = tuned.get(f"gemv8_{n}x{k}_{m}") or kernels.gemv_config(m, n, k)

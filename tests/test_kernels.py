@@ -185,7 +185,7 @@ def test_gemv1_split_k_is_deterministic_and_reusable(act_order, bits):
             assert int(cnt.abs().sum()) == 0         # every row block's counter is back at zero
     # the half-conversion GEMV: ragged row blocks (200 rows), uneven splits, K steps of 8..64 words
     for split, block_n, block_w, warps in [(1, 32, 16, 4), (3, 64, 8, 4), (8, 256, 16, 4), (16, 128, 32, 8),
-                                           (5, 128, 64, 4)]:
+                                           (5, 128, 64, 4), (8, 64, 16, 1)]:
         cfg = {"split_k": split, "block_n": block_n, "block_w": block_w, "num_warps": warps}
         y1 = triton_wq.gemv1h(x, pack, mod.bias.half(), **cfg)
         y2 = triton_wq.gemv1h(x, pack, mod.bias.half(), **cfg)

@@ -270,21 +270,22 @@ def gemv1_config(n: int, k: int, bits: int = 4) -> dict:
 
 
 def gemv1h_config(n: int, k: int, bits: int = 4) -> dict:
-    """Launch of triton_wq.gemv1h (only when called directly: it lost to gemv1 on 4 of the 5 shapes, README):
-    8 rows per thread (256 rows per program at 4 bits / 128 at 8 over 4 warps; fewer when N is small); K split
-    in powers of two until there are >= 2 programs per SM of an H200 (264) while each split keeps >= 4 K
-    steps. (TUNED winners override it.)"""
+    """Launch of triton_wq.gemv1h (only when called directly: README). 4 bits: 64 rows per program on one
+    warp (8 rows per thread; the winner of the H200 sweep, sweep-m1.json, where a one-warp program also skips
+    the cross-warp barriers of the scale loads), K split in powers of two until >= 1024 programs; 8 bits: 128
+    rows over 4 warps, >= 264 programs (2 per SM). Each split keeps >= 4 K steps; fewer rows when N is
+    small. (TUNED winners override it.)"""
     if ("triton_gemv1h", n, k, 1) in TUNED:
         return TUNED["triton_gemv1h", n, k, 1]
-    block_n = 256 if bits == 4 else 128
+    block_n, warps, target = (64, 1, 1024) if bits == 4 else (128, 4, 264)
     while block_n > 32 and -(-n // block_n) < 16:
         block_n //= 2
     block_w = 16 if bits == 4 else 32
     steps = max(1, k * bits // 32 // block_w)
     progs, split = -(-n // block_n), 1
-    while progs * split < 264 and steps // (2 * split) >= 4:
+    while split < 16 and progs * split < target and steps // (2 * split) >= 4:
         split *= 2
-    return {"block_n": block_n, "block_w": block_w, "split_k": split, "num_warps": 4}
+    return {"block_n": block_n, "block_w": block_w, "split_k": split, "num_warps": warps}
 
 
 def gemm_config(m: int, n: int, k: int, bits: int = 4) -> dict:

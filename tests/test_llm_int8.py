@@ -163,16 +163,19 @@ def test_bad_threshold_and_activations():
 
 @pytest.mark.slow
 def test_smollm2_perplexity_at_the_default_threshold(smollm2, eval_text):
-    """The issue's bar, 1% perplexity, at the paper's threshold 6.0 with the default zeropoint activations
-    (lm_head stays float, as transformers' bitsandbytes integration leaves it). absmax activations
-    (bitsandbytes' scheme) miss it on this model: see the README's issue-5 section for the attribution."""
+    """The issue's bar on the issue's protocol (seq-len 1024, 4096 held-out tokens): 1% perplexity at the
+    paper's threshold 6.0 with the default zeropoint activations (lm_head stays float, as transformers'
+    bitsandbytes integration leaves it); measured +0.27%. The full 4096 tokens because perplexity with int8
+    activations moves by ~0.3% with mere float rounding (one flipped rounding cascades) and more on fewer
+    tokens (+0.85% on the first 2048). absmax activations (bitsandbytes' scheme) miss the bar here, +1.5%:
+    the README's issue-5 section has the attribution."""
     from bitsmith.evaluate import perplexity
 
     m = copy.deepcopy(smollm2.model)
     bitsmith.quantize(m, Recipe(method="llm_int8", scheme=INT8))
     first = next(mod for mod in m.modules() if isinstance(mod, Int8MixedLinear))
     assert type(first) is Int8ZeroPointLinear and float(first.outlier_threshold) == 6.0
-    kw = {"seq_len": 1024, "max_tokens": 2048}
+    kw = {"seq_len": 1024, "max_tokens": 4096}
     ref = perplexity(smollm2.model, smollm2.tokenizer, eval_text, **kw)["ppl"]
     q = perplexity(m, smollm2.tokenizer, eval_text, **kw)["ppl"]
     print(f"fp32 {ref:.4f}, LLM.int8() threshold 6 {q:.4f} ({100 * (q / ref - 1):+.2f}%)")

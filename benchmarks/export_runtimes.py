@@ -94,7 +94,7 @@ def _perturbed(model: torch.nn.Module, tokenizer, texts: list[str], eps: float) 
         hook.remove()
 
 
-def onnx_qdq(samples: int, reduce_range: bool, observer: str) -> dict:
+def onnx_qdq(samples: int, reduce_range: bool, observer: str, smoothquant: str | None = None) -> dict:
     import onnxruntime as ort
 
     from bitsmith.evaluate import embed
@@ -103,7 +103,8 @@ def onnx_qdq(samples: int, reduce_range: bool, observer: str) -> dict:
     lm = load_model("minilm-l6")
     fp = copy.deepcopy(lm.model)
     recipe = Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True),
-                    method_args={"reduce_range": reduce_range, "observer": observer})
+                    method_args={"reduce_range": reduce_range, "observer": observer,
+                                 **({"smoothquant": smoothquant} if smoothquant else {})})
     bitsmith.quantize(lm.model, recipe, tokenizer=lm.tokenizer, n_samples=16, seq_len=128)
     texts = [p for p in load_text(None)[1].split("\n\n") if len(p) > 40][:samples]
     with tempfile.TemporaryDirectory() as d:
@@ -122,7 +123,9 @@ def onnx_qdq(samples: int, reduce_range: bool, observer: str) -> dict:
     ours, ref = embed(lm.model, lm.tokenizer, texts), embed(fp, lm.tokenizer, texts)
     cos, cos_fp = (got * ours).sum(-1), (got * ref).sum(-1)
     self_cos = (_perturbed(lm.model, lm.tokenizer, texts, 1e-7) * ours).sum(-1)
-    return {"row": "onnx-qdq", "model": f"minilm-l6 w8a8 static {observer}{' reduce_range' if reduce_range else ''}",
+    name = f"minilm-l6 w8a8 static {observer}{' reduce_range' if reduce_range else ''}"
+    name += f" smoothquant={smoothquant}" if smoothquant else ""
+    return {"row": "onnx-qdq", "model": name,
             "export_s": round(secs, 1), "size_mb": round(size, 1), "nodes": res["nodes"],
             "cosine_vs_bitsmith_mean": float(cos.mean()), "cosine_vs_bitsmith_min": float(cos.min()),
             "bitsmith_vs_itself_perturbed_1e-7_mean": float(self_cos.mean()),
@@ -187,6 +190,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--observer", default="minmax", help="the W8A8 activation observer of the onnx-qdq rows")
+    ap.add_argument("--smoothquant", help="alpha or 'auto' for the W8A8 of the onnx-qdq rows (default: none)")
     ap.add_argument("--json")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -195,7 +199,8 @@ def main() -> None:
         if row == "onnx-matmulnbits":
             rows.append(onnx_matmulnbits(a.tokens, a.seq_len))
         elif row in ("onnx-qdq", "onnx-qdq-reduce-range"):
-            rows.append(onnx_qdq(64, reduce_range=row.endswith("range"), observer=a.observer))
+            rows.append(onnx_qdq(64, reduce_range=row.endswith("range"), observer=a.observer,
+                                 smoothquant=a.smoothquant))
         elif row.startswith("compressed-tensors"):
             rows.append(compressed_tensors(row.removeprefix("compressed-tensors").lstrip("-")))
         elif row == "mlx":

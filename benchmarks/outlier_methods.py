@@ -38,7 +38,8 @@ INT8 = Scheme(bits=8, group_size=None, symmetric=True)
 PLAIN = {"act_order": False, "mse": False}     # columns in order, min-max groups (IST-DASLab/gptq's defaults)
 ROWS: dict[str, tuple] = {      # label: (method, scheme[, method_args])
     "fp32": ("none", None),
-    "llm_int8": ("llm_int8", INT8),                                  # threshold 6.0, the paper's default
+    "llm_int8": ("llm_int8", INT8),                       # threshold 6.0, the paper's; zeropoint activations
+    "llm_int8-absmax": ("llm_int8", INT8, {"activations": "absmax"}),   # bitsandbytes' Linear8bitLt scheme
     "llm_int8-t3": ("llm_int8", INT8, {"threshold": 3.0}),
     "rtn-w8pc": ("rtn", Scheme(bits=8, group_size=None)),
     "nf4-g64-dq": ("nf4", G64[4]),                                   # w^2-weighted scale search (default)
@@ -53,7 +54,7 @@ ROWS: dict[str, tuple] = {      # label: (method, scheme[, method_args])
     "quip-plain-w2g64": ("quip", G64[2], PLAIN),
     "quip-clip-w3g64": ("quip", G64[3], {"act_order": False, "clip": True}),   # quip's default before 2026-12
     "rtn-w3g64": ("rtn", G64[3]),
-    "hqq-w3g64": ("hqq", G64[3]),                                    # integer zero + fitted scale (default <= 3 bits)
+    "hqq-w3g64": ("hqq", G64[3]),                      # integer zero + fitted scale (the <= 3-bit default)
     "hqq-w3g64-fraczero": ("hqq", G64[3], {"integer_zero": False}),  # HQQ's fractional zero, as the package
     "incoherence-w3g64": ("incoherence", G64[3]),
     "rtn-w2g64": ("rtn", G64[2]),
@@ -71,7 +72,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     lm = load_model("smollm2-135m")
     calib_text, text = load_text(None)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
     for label in a.only or list(ROWS):
         method, scheme, *args = ROWS[label]
         args = args[0] if args else {}
@@ -88,7 +90,8 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         with torch.inference_mode():
             ppl = perplexity(m, lm.tokenizer, text, seq_len=1024, max_tokens=4096)["ppl"]
-        row = {"row": label, "method": method, "method_args": args, "scheme": None if scheme is None else scheme.label(), "ppl": ppl,
+        row = {"row": label, "method": method, "method_args": args,
+               "scheme": None if scheme is None else scheme.label(), "ppl": ppl,
                "quantized_bpw": bpw, "quantize_s": round(seconds, 1), "threads": a.threads,
                "calib_samples": a.calib_samples, "commit": commit}
         print(json.dumps(row), flush=True)

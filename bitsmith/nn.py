@@ -10,8 +10,9 @@ scale must give the file's min back exactly).
 `QWeight.transform` tensors are stored as buffers of the same name, exactly as given. Two kinds exist:
 storage of the scales themselves (NF4 double quantization: `scale_codes`/`scale_absmax`/`scale_offset`
 replace the float `scale` buffer), and run-time transforms, which a module class must apply in its forward
-(its TRANSFORMS): `Int8MixedLinear` (LLM.int8(), `outlier_threshold`), `HadamardLinear` (incoherence,
-`had_in`/`had_out`) and `InputScaledLinear` (AWQ, `input_scale`). `QuantLinear.from_qweight` picks the
+(its TRANSFORMS): `Int8MixedLinear` (LLM.int8(), `outlier_threshold`; `Int8ZeroPointLinear` adds the
+`act_zero_point` marker), `HadamardLinear` (incoherence, `had_in`/`had_out`) and `InputScaledLinear` (AWQ,
+`input_scale`). `QuantLinear.from_qweight` picks the
 class that applies exactly the transforms a QWeight carries, and refuses one it cannot apply rather than
 computing something else.
 """
@@ -41,7 +42,8 @@ def zero_kind(qw: QWeight) -> str:
     if qw.zero is None:
         return "none"
     z = qw.zero.float()
-    integral = bool(torch.equal(z, torch.round(z))) and float(z.min()) >= 0 and float(z.max()) < (1 << qw.scheme.bits)
+    integral = (bool(torch.equal(z, torch.round(z))) and float(z.min()) >= 0
+                and float(z.max()) < (1 << qw.scheme.bits))
     if integral:
         return "packed"
     # GGUF Q4_1/K-quant imports: zero = min / scale must stay float32 to give the file's min back exactly
@@ -50,7 +52,8 @@ def zero_kind(qw: QWeight) -> str:
 
 def transform_spec(qw: QWeight) -> dict[str, dict]:
     """{name: {"shape", "dtype"}} of a QWeight's transform tensors: what a module must store for it."""
-    return {name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for name, t in (qw.transform or {}).items()}
+    return {name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
+            for name, t in (qw.transform or {}).items()}
 
 
 def runtime_transforms(spec: dict) -> set[str]:
@@ -71,22 +74,24 @@ class _Packed(nn.Module):
         self.transform_spec = dict(transform or {})
         unknown = runtime_transforms(self.transform_spec) - set(self.TRANSFORMS)
         if unknown:
-            raise BitsmithError(f"{type(self).__name__} cannot apply the transform(s) {', '.join(sorted(unknown))} "
-                                f"at run time (method {method})")
+            raise BitsmithError(f"{type(self).__name__} cannot apply the transform(s) "
+                                f"{', '.join(sorted(unknown))} at run time (method {method})")
         groups = -(-k // group_size_for(k, scheme.group_size))
         self.n_groups = groups            # scale groups per row (not QuantConv2d's conv groups)
         self.register_buffer("qcodes", torch.zeros(n, packed_row_bytes(k, scheme.bits), dtype=torch.uint8))
         if "scale_codes" not in self.transform_spec:
             self.register_buffer("scale", torch.ones(n, groups, dtype=float_dtype(scheme.scale_dtype)))
         if zero == "packed":
-            self.register_buffer("qzero", torch.zeros(n, packed_row_bytes(groups, scheme.bits), dtype=torch.uint8))
+            qzero = torch.zeros(n, packed_row_bytes(groups, scheme.bits), dtype=torch.uint8)
+            self.register_buffer("qzero", qzero)
         elif zero in FLOAT_ZEROS:
             self.register_buffer("zero", torch.zeros(n, groups, dtype=float_dtype(zero)))
         if has_perm:
             self.register_buffer("perm", torch.arange(k, dtype=torch.int32))
         for name, spec in self.transform_spec.items():
             if hasattr(self, name):
-                raise BitsmithError(f"transform name {name!r} clashes with an attribute of {type(self).__name__}")
+                raise BitsmithError(f"transform name {name!r} clashes with an attribute of "
+                                    f"{type(self).__name__}")
             self.register_buffer(name, torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"])))
 
     def _store(self, qw: QWeight) -> None:
@@ -150,7 +155,8 @@ class QuantLinear(_Packed):
                  bias_dtype: torch.dtype = torch.float32, transform: dict[str, dict] | None = None) -> None:
         super().__init__(out_features, in_features, scheme, method, zero, has_perm, transform)
         self.in_features, self.out_features = in_features, out_features
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype), requires_grad=False) if bias else None
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=bias_dtype), requires_grad=False)
+                     if bias else None)
 
     @classmethod
     def from_qweight(cls, qw: QWeight, bias: torch.Tensor | None = None, method: str = "rtn") -> QuantLinear:
@@ -169,7 +175,8 @@ class QuantLinear(_Packed):
         return m
 
     def shape_info(self) -> dict:
-        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = kernels.select(self, x)          # explicit dispatch by device/shape/scheme; None = reference
@@ -190,10 +197,12 @@ class QuantConv2d(_Packed):
                  zero: str = "packed", has_perm: bool = False, bias_dtype: torch.dtype = torch.float32,
                  transform: dict[str, dict] | None = None) -> None:
         kh, kw = kernel_size
-        super().__init__(out_channels, in_channels // groups * kh * kw, scheme, method, zero, has_perm, transform)
+        super().__init__(out_channels, in_channels // groups * kh * kw, scheme, method, zero, has_perm,
+                         transform)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self.bias = nn.Parameter(torch.zeros(out_channels, dtype=bias_dtype), requires_grad=False) if bias else None
+        self.bias = (nn.Parameter(torch.zeros(out_channels, dtype=bias_dtype), requires_grad=False)
+                     if bias else None)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, qw: QWeight, method: str = "rtn") -> QuantConv2d:
@@ -202,7 +211,8 @@ class QuantConv2d(_Packed):
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, qw.scheme, stride=conv.stride,
                 padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                 method=method, zero=zero_kind(qw), has_perm=qw.perm is not None,
-                bias_dtype=conv.bias.dtype if conv.bias is not None else torch.float32, transform=transform_spec(qw))
+                bias_dtype=conv.bias.dtype if conv.bias is not None else torch.float32,
+                transform=transform_spec(qw))
         m._store(qw)
         if conv.bias is not None:
             m.bias.data.copy_(conv.bias.detach())
@@ -215,7 +225,8 @@ class QuantConv2d(_Packed):
                 "dilation": list(_pair(self.dilation)), "groups": self.groups, "bias": self.bias is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize(x.dtype).view(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        w = self.dequantize(x.dtype).view(self.out_channels, self.in_channels // self.groups,
+                                          *self.kernel_size)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -251,8 +262,8 @@ class QuantEmbedding(_Packed):
             zero = unpack(self.qzero[flat], self.scheme.bits, self.n_groups).float()
         elif self.zero_kind in FLOAT_ZEROS:
             zero = self.zero[flat].float()
-        rows = QWeight(unpack(self.qcodes[flat], self.scheme.bits, self.k), self.scales()[flat], zero, self.scheme,
-                       getattr(self, "perm", None))
+        rows = QWeight(unpack(self.qcodes[flat], self.scheme.bits, self.k), self.scales()[flat], zero,
+                       self.scheme, getattr(self, "perm", None))
         return dequantize_weight(rows, self.out_dtype).view(*ids.shape, self.embedding_dim)
 
 
@@ -281,17 +292,38 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return int8_matmul_reference(a, b)
 
 
+def per_token_int8(x: torch.Tensor, zero_point: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(M, K) float -> int8 codes (M, K), scales (M, 1) and integer zero points (M, 1) int32 or None, with
+    x ~ scale * (code - zero). absmax: codes -127..127, zero 0 (bitsandbytes' Linear8bitLt). zeropoint
+    (the paper's asymmetric variant): each token's [min, max], widened to hold 0 so that the zeroed outlier
+    columns stay exactly 0, spread over all 256 codes; a token whose ordinary features lean to one sign
+    gets up to twice absmax's resolution. Round half to even in both (torch.round, as bitsandbytes)."""
+    if not zero_point:
+        s = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+        return torch.round(x / s).to(torch.int8), s, None
+    lo = x.amin(-1, keepdim=True).clamp(max=0.0)
+    hi = x.amax(-1, keepdim=True).clamp(min=0.0)
+    s = ((hi - lo) / 255).clamp(min=1e-12)
+    z = -128 - torch.round(lo / s)                                        # in -128..127 since lo <= 0 <= hi
+    q = (torch.round(x / s) + z).clamp(-128, 127)
+    return q.to(torch.int8), s, z.to(torch.int32)
+
+
 class Int8MixedLinear(QuantLinear):
     """LLM.int8() (Dettmers et al. 2022): int8 row-wise weights; per forward, input columns where any
     |x| > `outlier_threshold` go through a float matmul with those weight columns, the rest through
-    int8 x int8 with per-token absmax scales."""
+    int8 x int8 with per-token absmax scales (this class, bitsandbytes' scheme) or per-token zero points
+    (Int8ZeroPointLinear)."""
 
     kind = "linear_int8"
-    TRANSFORMS = ("outlier_threshold",)
+    TRANSFORMS: tuple[str, ...] = ("outlier_threshold",)
+    ZERO_POINT = False
 
     def __init__(self, in_features: int, out_features: int, scheme: Scheme, **kw) -> None:
         if scheme.bits != 8 or not scheme.symmetric or scheme.grid != "int" or scheme.group_size is not None:
-            raise BitsmithError(f"LLM.int8() needs symmetric 8-bit per-channel int weights, got {scheme.label()}")
+            raise BitsmithError(f"LLM.int8() needs symmetric 8-bit per-channel int weights, "
+                                f"got {scheme.label()}")
         super().__init__(in_features, out_features, scheme, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -299,16 +331,26 @@ class Int8MixedLinear(QuantLinear):
         outliers = (x2.abs() > self.outlier_threshold).any(0)                 # (K,) outlier input columns
         w8 = (self.qcodes ^ 128).view(torch.int8)                             # (N, K): unsigned code - 128
         sw = self.scales().float().view(1, -1)                                # (1, N) row scales
-        xr = x2.masked_fill(outliers, 0.0)
-        sx = xr.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127           # (M, 1) per-token scales
-        xq = torch.round(xr / sx).to(torch.int8)
-        y = int8_matmul(xq, w8.t()).float() * sx * sw                         # (M, N)
+        xq, sx, zx = per_token_int8(x2.masked_fill(outliers, 0.0), self.ZERO_POINT)   # (M, K), (M, 1) x2
+        acc = int8_matmul(xq, w8.t())                                         # (M, N) int32
+        if zx is not None:        # sum_k (q - z) w = q @ w - z * rowsum(w), all in int32 (|.| < 2^31)
+            acc = acc - zx * w8.sum(1, dtype=torch.int32).view(1, -1)
+        y = acc.float() * sx * sw                                             # (M, N)
         if bool(outliers.any()):
             cols = outliers.nonzero().squeeze(1)
             y = y + x2[:, cols] @ (w8[:, cols].float() * sw.t()).t()
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class Int8ZeroPointLinear(Int8MixedLinear):
+    """LLM.int8() with the paper's zeropoint per-token activations (see per_token_int8). The one-byte
+    `act_zero_point` transform marks the choice in the checkpoint; its value is not read."""
+
+    kind = "linear_int8_zp"
+    TRANSFORMS = ("outlier_threshold", "act_zero_point")
+    ZERO_POINT = True
 
 
 class HadamardLinear(QuantLinear):
@@ -340,9 +382,10 @@ class InputScaledLinear(QuantLinear):
 
 
 QUANT_MODULES = {"linear": QuantLinear, "conv2d": QuantConv2d, "embedding": QuantEmbedding,
-                 "linear_int8": Int8MixedLinear, "linear_hadamard": HadamardLinear,
+                 "linear_int8": Int8MixedLinear, "linear_int8_zp": Int8ZeroPointLinear,
+                 "linear_hadamard": HadamardLinear,
                  "linear_input_scaled": InputScaledLinear}
-LINEAR_CLASSES = (QuantLinear, Int8MixedLinear, HadamardLinear, InputScaledLinear)
+LINEAR_CLASSES = (QuantLinear, Int8MixedLinear, Int8ZeroPointLinear, HadamardLinear, InputScaledLinear)
 
 
 def linear_class(spec: dict, classes: tuple | None = None, what: str = "linear") -> type[QuantLinear]:
@@ -374,8 +417,8 @@ def build_empty(info: dict, dtype: torch.dtype = torch.float32) -> _Packed:
     common = {"method": info["method"], "zero": info["zero"], "has_perm": info["perm"],
               "transform": info.get("transform")}
     if info["type"] in {c.kind for c in LINEAR_CLASSES}:
-        return QUANT_MODULES[info["type"]](info["in_features"], info["out_features"], scheme, bias=info["bias"],
-                                           bias_dtype=dtype, **common)
+        return QUANT_MODULES[info["type"]](info["in_features"], info["out_features"], scheme,
+                                           bias=info["bias"], bias_dtype=dtype, **common)
     if info["type"] in {c.kind for c in CONV_CLASSES}:
         pad = info["padding"]
         conv = QUANT_MODULES[info["type"]]

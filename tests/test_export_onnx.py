@@ -252,15 +252,13 @@ def test_smollm2_w4_as_matmulnbits_matches_bitsmith(smollm2, eval_text, tmp_path
 
 @pytest.mark.slow
 def test_minilm_w8a8_qdq_matches_bitsmith(minilm, eval_text, tmp_path):
-    """bitsmith's static W8A8 MiniLM (issue 7's method: calibrated per-tensor int8 activations) in ONNX
-    Runtime. Every quantized layer gets bitsmith's codes (the Max before QuantizeLinear; each stand-in agrees
-    with bitsmith's module within 7e-7 on the same input), yet the issue's bar, embedding cosine >= 0.999 to
-    bitsmith's own forward, is not met: static per-tensor int8 makes this encoder chaotic at float-rounding
-    level. bitsmith against itself with its embedding output perturbed by 1e-7 (relative) gives mean 0.9995,
-    min 0.990; ORT's float ops (LayerNorm, Gelu, softmax, the int32 -> float epilogue) differ from torch's by
-    ~5e-7, hence mean 0.998 on 64 held-out texts (benchmarks/export_runtimes.py), 0.9967 (min 0.983) on these
-    32. So the test holds what is met, mean >= 0.995, and that ORT is as close to the float model as bitsmith
-    is (the chaos moves both equally, not one away)."""
+    """bitsmith's accurate static W8A8 MiniLM (issue 7's recipe: calibrated per-tensor int8 activations with
+    SmoothQuant `auto`, smoothed at run time by a Mul before the QuantizeLinear) in ONNX Runtime: embedding
+    mean cosine >= 0.999 to bitsmith's own forward. Plain min-max static W8A8 (cosine 0.983 to fp32,
+    below issue 7's bar) sits on code boundaries so often that float-rounding-sized differences between ORT's
+    and torch's LayerNorm/Gelu/softmax flip codes and reach mean 0.998 only; the SmoothQuant model is both
+    closer to fp32 and stable under such differences (benchmarks/export_runtimes.py --smoothquant auto:
+    mean 0.99975 / min 0.9992 on 64 texts). Also: ORT is as close to the float model as bitsmith is."""
     from bitsmith.evaluate import embed
 
     model = copy.deepcopy(minilm.model)
@@ -268,10 +266,14 @@ def test_minilm_w8a8_qdq_matches_bitsmith(minilm, eval_text, tmp_path):
     # x86 CPUs without VNNI, the same limit fbgemm has; full-range weights measured cosine 0.988 on such a
     # CPU (AVX2 only); with VNNI or reduce_range the integer products are exact
     quantize(model, Recipe(method="w8a8", scheme=Scheme(bits=8, group_size=None, symmetric=True),
-                           method_args={"reduce_range": True}), tokenizer=minilm.tokenizer, n_samples=16, seq_len=128)
+                           method_args={"reduce_range": True, "smoothquant": "auto"}),
+             tokenizer=minilm.tokenizer, n_samples=16, seq_len=128)
     lm = LoadedModel(model, minilm.tokenizer, "minilm-w8a8", "encoder", None)
     res = ox.write(lm, tmp_path)
     assert res["mode"] == "qdq" and res["nodes"]["QuantizeLinear"] >= 24
+    from bitsmith.nn_act import W8A8ScaledLinear
+
+    assert sum(isinstance(m, W8A8ScaledLinear) for m in model.modules()) >= 30   # smoothed at run time
     sess = ort.InferenceSession(str(tmp_path / ox.MODEL_FILE), providers=["CPUExecutionProvider"])
 
     class Runtime(nn.Module):
@@ -284,5 +286,7 @@ def test_minilm_w8a8_qdq_matches_bitsmith(minilm, eval_text, tmp_path):
     ref = embed(model, minilm.tokenizer, texts)              # bitsmith's W8A8 forward (integer product)
     fp = embed(minilm.model, minilm.tokenizer, texts)        # the float model both approximate
     cos = (got * ref).sum(-1)
-    assert float(cos.mean()) >= 0.995 and float(cos.min()) >= 0.97, cos
+    # measured here: mean 0.99978, min 0.99904 (AVX512-VNNI host); the bar is the mean, the min guards
+    # against one text drifting off (plain min-max static: min 0.983)
+    assert float(cos.mean()) >= 0.999 and float(cos.min()) >= 0.998, cos
     assert abs(float((got * fp).sum(-1).mean()) - float((ref * fp).sum(-1).mean())) <= 1e-3

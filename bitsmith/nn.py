@@ -27,10 +27,10 @@ from torch import nn
 
 from . import kernels
 from .errors import BitsmithError
-from .numerics import dtype_name, float_dtype
+from .numerics import IntGrid, dtype_name, float_dtype
 from .packing import pack, packed_row_bytes, unpack
-from .primitives import (QWeight, double_dequantize, dequantize_weight, group_size_for, random_hadamard,
-                         unpack_signs)
+from .primitives import (QWeight, choose_qparams, double_dequantize, dequantize_weight, group_size_for,
+                         quantize, random_hadamard, unpack_signs)
 from .recipe import Scheme
 
 ZERO_KINDS = ("none", "packed", "float16", "float32")
@@ -292,22 +292,21 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return int8_matmul_reference(a, b)
 
 
+INT8_GRID = IntGrid(8, signed=True)     # LLM.int8()'s activation codes: -128..127 (absmax uses -127..127)
+
+
 def per_token_int8(x: torch.Tensor, zero_point: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(M, K) float -> int8 codes (M, K), scales (M, 1) and integer zero points (M, 1) int32 or None, with
     x ~ scale * (code - zero). absmax: codes -127..127, zero 0 (bitsandbytes' Linear8bitLt). zeropoint
     (the paper's asymmetric variant): each token's [min, max], widened to hold 0 so that the zeroed outlier
     columns stay exactly 0, spread over all 256 codes; a token whose ordinary features lean to one sign
-    gets up to twice absmax's resolution. Round half to even in both (torch.round, as bitsandbytes)."""
-    if not zero_point:
-        s = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
-        return torch.round(x / s).to(torch.int8), s, None
-    lo = x.amin(-1, keepdim=True).clamp(max=0.0)
-    hi = x.amax(-1, keepdim=True).clamp(min=0.0)
-    s = ((hi - lo) / 255).clamp(min=1e-12)
-    z = -128 - torch.round(lo / s)                                        # in -128..127 since lo <= 0 <= hi
-    q = (torch.round(x / s) + z).clamp(-128, 127)
-    return q.to(torch.int8), s, z.to(torch.int32)
+    gets up to twice absmax's resolution. Round half to even in both (torch.round, as bitsandbytes).
+    The grid math is the project's one affine quantizer (primitives.choose_qparams / quantize), per row."""
+    scale, zero = choose_qparams(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), INT8_GRID,
+                                 symmetric=not zero_point)
+    q = quantize(x, scale, zero, INT8_GRID).to(torch.int8)
+    return q, scale, zero.to(torch.int32) if zero_point else None
 
 
 class Int8MixedLinear(QuantLinear):

@@ -91,10 +91,16 @@ def test_cpu_kernels_match_reference(name, scheme, act_order, k):
     mod, qw = make_layer(k, scheme, act_order, seed=k)
     for m in MS:
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-        assert kernels.select(mod, x) == (name if m <= kernels.CPU_MAX_M else None)
+        assert kernels.select(mod, x) == (cpu_auto(name) if m <= kernels.CPU_MAX_M else None)
         assert_matches(kernels.run(mod, x, name), reference.weight_only_linear(x, qw, mod.bias))
     xb = torch.randn(3, k).to(torch.bfloat16)                                      # bf16 activations
     assert_matches(kernels.run(mod, xb, name), reference.weight_only_linear(xb, qw, mod.bias))
+
+
+def cpu_auto(name: str) -> str:
+    """What auto dispatch picks on the CPU for a layer both `name` and cpu_fused can run: the fused kernel
+    first, when Inductor can compile here (tests/test_cpu_fused.py tests it)."""
+    return "cpu_fused" if kernels.available()["cpu_fused"] is None else name
 
 
 # ---- dispatch ------------------------------------------------------------------------------------------
@@ -104,7 +110,7 @@ def test_dispatch_is_explicit_and_inspectable():
     verdict = kernels.explain(mod, x)
     assert set(kernels.KERNELS) <= set(verdict)
     if kernels.available()["cpu_int4"] is None:
-        assert verdict["cpu_int4"] == "chosen"
+        assert verdict[cpu_auto("cpu_int4")] == "chosen"
     assert "W8A8" in verdict["w8a8_int8"] or "CUDA" in verdict["w8a8_int8"]
     nf4, _ = make_layer(576, Scheme(bits=4, group_size=64, grid="nf4"), act_order=False)
     assert kernels.select(nf4, x) is None and "grid nf4" in kernels.explain(nf4, x)["cpu_int4"]

@@ -10,7 +10,8 @@ kernel), or one kernel name to force where it applies. "auto" on CUDA picks by M
   triton_gemm     tensor-core fused dequant GEMM (operands swapped, split K): M = 2..64
   triton_dequant  Triton dequantize to a dense weight, then cuBLAS: M > 64
   triton_gemv     CUDA-core fused dequant GEMV for several rows of x: only when forced (the GEMM beats it)
-and on the CPU, for M <= CPU_MAX_M, the torch int8/int4 weight-only kernels (cpu.py).
+and on the CPU, for M <= CPU_MAX_M, the fused dequantize-GEMV that Inductor compiles (cpu_fused.py; needs
+a C++ compiler), else torch's int8/int4 weight-only kernels (cpu.py).
 The rules and launch defaults are the winners of sweeps on an H200 (H100 for the GEMVs; README).
 
 Kernel operands (re-laid-out scales, CPU packed weights) are built on first use and cached on the module as
@@ -23,17 +24,20 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
 from ..packing import unpack
 from . import cpu as _cpu
+from . import cpu_fused as _fused
 from . import layout
 
 POLICIES = ("auto", "reference")
 # torch's CPU int kernels beat dequantize-every-call at decode (SmolLM2 W8, M = 1: 2.2x) but lose to it at
 # prefill (M = 64: 7x slower), where MKL's float GEMM amortizes the dequantization (AVX2 box, README).
 CPU_MAX_M = 8
+CPU_AUTO_ORDER = ("cpu_fused", "cpu_int4", "cpu_int8")   # first usable wins
 _policy: str | None = None
 
 
@@ -49,6 +53,7 @@ KERNELS = {k.name: k for k in (
     Kernel("triton_gemv", "cuda", "W4/W8 A16 fused dequant GEMV, fp16/bf16, small M"),
     Kernel("triton_gemm", "cuda", "W4/W8 A16 fused dequant tensor-core GEMM, mid M"),
     Kernel("triton_dequant", "cuda", "Triton dequantize + cuBLAS, large M"),
+    Kernel("cpu_fused", "cpu", "W2/W4/W8 fused dequant GEMV compiled by TorchInductor, small M"),
     Kernel("cpu_int8", "cpu", "torch _weight_int8pack_mm, int8 per-channel"),
     Kernel("cpu_int4", "cpu", "torch _weight_int4pack_mm_for_cpu, int4 g32..256"),
     Kernel("w8a8_int8", "cuda", "W8A8 int8 (per-token x per-channel), Triton GEMM + fused epilogue"),
@@ -78,12 +83,17 @@ def _triton_reason() -> str | None:
     return None
 
 
-def available() -> dict[str, str | None]:
-    """{kernel: None if usable on this machine, else why not}."""
+@lru_cache(maxsize=1)
+def _machine() -> dict[str, str | None]:
+    """What this process can run, fixed once known (devices, packages and torch ops do not come and go).
+    Cached because `select` asks on every forward: rebuilding it cost ~10 us a call, a fifth of a
+    SmolLM2 layer's decode time on the CPU."""
     out = {}
     cuda = _triton_reason()
     for name, k in KERNELS.items():
-        if k.device == "cpu":
+        if name == "cpu_fused":
+            out[name] = _fused.missing()
+        elif k.device == "cpu":
             out[name] = _cpu.missing_ops()[name]
         elif cuda is not None:
             out[name] = cuda
@@ -96,6 +106,16 @@ def available() -> dict[str, str | None]:
     return out
 
 
+def _usable(name: str) -> str | None:
+    """None if kernel `name` can run on this machine now, else why not (cpu_fused can fail to compile)."""
+    return _fused.usable() if name == "cpu_fused" else _machine()[name]
+
+
+def available() -> dict[str, str | None]:
+    """{kernel: None if usable on this machine, else why not}."""
+    return {name: _usable(name) for name in KERNELS}
+
+
 def _layer_reason(module, name: str) -> str | None:
     """Why kernel `name` cannot run this module's weight format (None when it can); cached per module."""
     cache = module.__dict__.setdefault("_kernel_reasons", {})
@@ -103,6 +123,8 @@ def _layer_reason(module, name: str) -> str | None:
         if name in WEIGHT_ONLY_GPU:
             cache[name] = layout.unsupported_reason(module.n, module.k, module.scheme, module.zero_kind,
                                                     module.transform_spec)
+        elif name == "cpu_fused":
+            cache[name] = _fused.unsupported_reason(module.n, module.k, module.scheme, module.transform_spec)
         elif name in ("cpu_int8", "cpu_int4"):
             cache[name] = _cpu.unsupported_reason(name, module.n, module.k, module.scheme, module.transform_spec)
         else:
@@ -136,8 +158,8 @@ def _auto(module, x: torch.Tensor) -> str | None:
         name = weight_only_choice(x.numel() // module.k, module.n, module.k)
         return name if _layer_reason(module, name) is None else None
     if dev == "cpu" and x.numel() // module.k <= CPU_MAX_M:
-        for name in ("cpu_int4", "cpu_int8"):
-            if _cpu.missing_ops()[name] is None and _layer_reason(module, name) is None:
+        for name in CPU_AUTO_ORDER:
+            if _usable(name) is None and _layer_reason(module, name) is None:
                 return name
     return None
 
@@ -162,7 +184,7 @@ def select(module, x: torch.Tensor) -> str | None:
     if pol == "auto":
         return _auto(module, x)
     k = KERNELS.get(pol)
-    if k is None or k.device != x.device.type or _layer_reason(module, pol) is not None:
+    if k is None or k.device != x.device.type or _usable(pol) or _layer_reason(module, pol) is not None:
         return None
     if pol == "triton_gemv1" and x.numel() != module.k:
         return None                               # the 2-D GEMV takes one row of x
@@ -200,8 +222,12 @@ def operands(module, name: str):
         tensors = {"scale": pack.scale, "zero": pack.zero, "xidx": pack.xidx}
     else:
         qw = module.qweight()
-        pack = _cpu.build(qw.codes, qw.scale, qw.zero, perm, module.scheme, module.k)
-        tensors = {"w": pack.w, "scale": pack.scale, "zcorr": pack.zcorr}
+        if family == "cpu_fused":
+            pack = _fused.build(qw.codes, qw.scale, qw.zero, perm, module.scheme, module.k)
+            tensors = {"w": pack.w, "scale": pack.scale, "zero": pack.zero}
+        else:
+            pack = _cpu.build(qw.codes, qw.scale, qw.zero, perm, module.scheme, module.k)
+            tensors = {"w": pack.w, "scale": pack.scale, "zcorr": pack.zcorr}
     for t_name, t in tensors.items():
         if t is not None:
             module.register_buffer(f"_kernel_{family}_{t_name}", t, persistent=False)
@@ -228,6 +254,8 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
             y = triton_wq.gemm(x2, pack, bias, **gemm_config(m, module.n, module.k, module.scheme.bits))
         else:
             y = triton_wq.dequant_matmul(x2, pack, bias)
+    elif name == "cpu_fused":
+        y = _fused.linear(x2, pack, bias)
     else:
         y = _cpu.linear(x2, pack, bias)
     return y.view(*x.shape[:-1], module.n)

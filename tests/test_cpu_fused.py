@@ -21,7 +21,8 @@ MORE = [Scheme(bits=4, group_size=32, symmetric=True), Scheme(bits=8, group_size
 @pytest.mark.parametrize("bits,g", [(2, 64), (4, 64), (4, 576), (8, 32)])
 def test_layout_is_bit_exact(bits, g):
     """Byte j of a group holds code p * h + j at bit p * bits: unpacking it gives back every code."""
-    codes = torch.randint(0, 1 << bits, (24, 576), dtype=torch.uint8, generator=torch.Generator().manual_seed(g))
+    gen = torch.Generator().manual_seed(g)
+    codes = torch.randint(0, 1 << bits, (24, 576), dtype=torch.uint8, generator=gen)
     w = cpu_fused.pack_codes(codes, bits, g)
     assert w.shape == (24, 576 * bits // 8) and w.dtype == torch.uint8
     per, h = 8 // bits, g * bits // 8

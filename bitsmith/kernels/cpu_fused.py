@@ -71,13 +71,14 @@ def unsupported_reason(n: int, k: int, scheme: Scheme, transform_spec: dict) -> 
 class FusedPack:
     w: torch.Tensor                    # (N, K * bits / 8) uint8 in the sub-block layout above
     scale: torch.Tensor                # (N, G) float32
-    zero: torch.Tensor                 # (N, G) float32 zero points in code units (the implicit one if symmetric)
+    zero: torch.Tensor                 # (N, G) float32 zero points in code units (implicit one if symmetric)
     perm: torch.Tensor | None          # (K,) long: codes describe W[:, perm]
     bits: int
 
 
 def pack_codes(codes: torch.Tensor, bits: int, g: int) -> torch.Tensor:
-    """(N, K) uint8 codes -> (N, K * bits / 8) uint8: byte j of each group holds code p * h + j at bit p * bits."""
+    """(N, K) uint8 codes -> (N, K * bits / 8) uint8; byte j of each group holds code p * h + j at bit
+    p * bits."""
     n, k = codes.shape
     per = 8 // bits
     sub = codes.view(n, k // g, per, g // per)                       # (N, G, P, h)
@@ -93,7 +94,8 @@ def build(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, p
     g = group_size_for(k, scheme.group_size)
     s = scale.float().contiguous()
     z = torch.full_like(s, float(symmetric_zero(scheme))) if zero is None else zero.float().contiguous()
-    return FusedPack(pack_codes(codes, scheme.bits, g), s, z, None if perm is None else perm.long(), scheme.bits)
+    p = None if perm is None else perm.long()
+    return FusedPack(pack_codes(codes, scheme.bits, g), s, z, p, scheme.bits)
 
 
 def fused_math(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
@@ -130,7 +132,7 @@ def _kernel(x: torch.Tensor, pack: FusedPack):
                     args = (x, pack.w, pack.scale, pack.zero)
                     graph = make_fx(lambda a, b, c, d: fused_math(a, b, c, d, pack.bits))(*args)
                     fn = _compiled[key] = inductor_compile(graph, list(args))
-                except Exception as e:   # a broken tool chain must not break the forward: run the math eagerly
+                except Exception as e:   # a broken tool chain must not break the forward: run eagerly
                     _broken.append(f"Inductor failed to compile ({type(e).__name__}: {str(e)[:120]})")
                     warnings.warn(f"bitsmith: cpu_fused disabled, {_broken[0]}; using the reference path",
                                   stacklevel=3)
@@ -144,8 +146,8 @@ def linear(x2: torch.Tensor, pack: FusedPack, bias: torch.Tensor | None = None) 
         xf = xf.index_select(1, pack.perm)
     xf = xf.contiguous()
     fn = _kernel(xf, pack)
-    y = fn(xf, pack.w, pack.scale, pack.zero) if fn is not None else fused_math(xf, pack.w, pack.scale, pack.zero,
-                                                                                   pack.bits)
+    args = (xf, pack.w, pack.scale, pack.zero)
+    y = fn(*args) if fn is not None else fused_math(*args, pack.bits)
     y = y[0] if isinstance(y, (tuple, list)) else y
     if bias is not None:
         y = y + bias.float()

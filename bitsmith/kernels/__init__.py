@@ -224,7 +224,7 @@ def operands(module, name: str):
         qw = module.qweight()
         if family == "cpu_fused":
             pack = _fused.build(qw.codes, qw.scale, qw.zero, perm, module.scheme, module.k)
-            tensors = {"w": pack.w, "scale": pack.scale, "zero": pack.zero}
+            tensors = {"w": pack.w, "scale": pack.scale, "zs": pack.zs}
         else:
             pack = _cpu.build(qw.codes, qw.scale, qw.zero, perm, module.scheme, module.k)
             tensors = {"w": pack.w, "scale": pack.scale, "zcorr": pack.zcorr}

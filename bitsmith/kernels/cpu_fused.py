@@ -1,11 +1,11 @@
 """Fused dequantize + matmul for small M on the CPU, as C++ that TorchInductor generates from plain torch ops.
 
 Why: at decode a linear is memory-bound, so the bytes read decide its time. torch 2.13's weight-only CPU
-kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, cpu.py) convert every weight to float in
-memory before they multiply and run several times below the memory rate (README, issue 8), so int8/int4 was
-slower than fp32. Written here as shift, mask, subtract the zero, multiply by x, sum each group, scale and
-sum the groups, Inductor fuses the whole expression into one vectorized C++ loop nest that reads each code
-byte once and keeps the float weights in registers.
+kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, cpu.py) convert each weight to float before
+the multiply-add and run several times below the memory rate (README, issue 8), so int8/int4 decoded slower
+than fp32. Written here as shift, mask, scale, take off the zero, multiply by x and sum, the expression is
+fused by Inductor into one vectorized C++ loop nest that reads each code byte once and keeps the float
+weights in registers.
 
 Layout (built once per module, cached like the other kernels' operands): the codes of one group of g
 columns are split into P = 8 / bits sub-blocks of h = g / P columns; byte j of a group holds code p * h + j
@@ -71,7 +71,7 @@ def unsupported_reason(n: int, k: int, scheme: Scheme, transform_spec: dict) -> 
 class FusedPack:
     w: torch.Tensor                    # (N, K * bits / 8) uint8 in the sub-block layout above
     scale: torch.Tensor                # (N, G) float32
-    zero: torch.Tensor                 # (N, G) float32 zero points in code units (implicit one if symmetric)
+    zs: torch.Tensor                   # (N, G) float32 zero point x scale (the implicit zero if symmetric)
     perm: torch.Tensor | None          # (K,) long: codes describe W[:, perm]
     bits: int
 
@@ -95,27 +95,38 @@ def build(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, p
     s = scale.float().contiguous()
     z = torch.full_like(s, float(symmetric_zero(scheme))) if zero is None else zero.float().contiguous()
     p = None if perm is None else perm.long()
-    return FusedPack(pack_codes(codes, scheme.bits, g), s, z, p, scheme.bits)
+    return FusedPack(pack_codes(codes, scheme.bits, g), s, (z * s).contiguous(), p, scheme.bits)
 
 
-def fused_math(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
-    """(M, K) float32 x (N, K*bits/8) packed codes -> (M, N) float32:
-    y[m, n] = sum_g s[n, g] (sum_j x[m, j] q[n, j] - z[n, g] sum_j x[m, j]), j over group g.
-    Plain torch: this is what Inductor compiles, and what runs eagerly if it cannot. Two choices measured
-    on SmolLM2's shapes (2 threads, M = 1, 4-bit g64): taking z off through the per-group sums of x instead
-    of per weight, and widening the bytes to int32 before the shifts, 87 -> 50 us on 1536x576."""
+def fused_math(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, zs: torch.Tensor, bits: int) -> torch.Tensor:
+    """(M, K) float32 x (N, K*bits/8) packed codes -> (M, N) float32, y = x ((q - z) s)^T, given s and
+    zs = z s per (row, group). Plain torch: this is what Inductor compiles, and what runs eagerly if it
+    cannot. Two spellings of the same sum, whichever Inductor turned into the faster loop on SmolLM2's
+    shapes (2 threads, M = 1; README):
+    - grouped: sum over (group, column) of x (q s - zs): one accumulator per row, the group's s and zs
+      broadcast into the inner loop (1536x576 4-bit g64: 37 us, against 58 for the form below, which
+      reduces every group horizontally);
+    - per-channel: s (sum_j x q) - zs (sum_j x), the zero taken off once through the sum of x (8-bit:
+      39 vs 43 us; at M = 4 83 vs 169).
+    Bytes are widened to int32 before the shifts: with the zero taken off through the sum of x, that took
+    the first version (uint8 shifts, q - z per weight) from 87 to 50 us at 4-bit g64; not measured apart."""
     m, k = x.shape
     n, groups = s.shape
     per, mask = 8 // bits, (1 << bits) - 1
     xv = x.view(m, 1, groups, per, k // groups // per)              # (M, 1, G, P, h)
     wv = w.view(1, n, groups, -1).to(torch.int32)                    # (1, N, G, h)
+    sv, zv = s.view(1, n, groups, 1), zs.view(1, n, groups, 1)
     acc = None
     for p in range(per):
         q = ((wv >> (p * bits)) & mask).float()
-        part = (xv[:, :, :, p] * q).sum(-1)                          # (M, N, G)
+        if groups > 1:
+            part = (xv[:, :, :, p] * (q * sv - zv)).sum((-2, -1))   # (M, N)
+        else:
+            part = (xv[:, :, :, p] * q).sum((-2, -1))                # (M, N), before the scale
         acc = part if acc is None else acc + part
-    xsum = x.view(m, 1, groups, -1).sum(-1)                          # (M, 1, G)
-    return ((acc - xsum * z) * s).sum(-1)
+    if groups > 1:
+        return acc
+    return acc * s.view(1, n) - x.sum(-1, keepdim=True) * zs.view(1, n)
 
 
 def _kernel(x: torch.Tensor, pack: FusedPack):
@@ -129,7 +140,7 @@ def _kernel(x: torch.Tensor, pack: FusedPack):
                     from torch._inductor import compile as inductor_compile
                     from torch.fx.experimental.proxy_tensor import make_fx
 
-                    args = (x, pack.w, pack.scale, pack.zero)
+                    args = (x, pack.w, pack.scale, pack.zs)
                     graph = make_fx(lambda a, b, c, d: fused_math(a, b, c, d, pack.bits))(*args)
                     fn = _compiled[key] = inductor_compile(graph, list(args))
                 except Exception as e:   # a broken tool chain must not break the forward: run eagerly
@@ -146,7 +157,7 @@ def linear(x2: torch.Tensor, pack: FusedPack, bias: torch.Tensor | None = None) 
         xf = xf.index_select(1, pack.perm)
     xf = xf.contiguous()
     fn = _kernel(xf, pack)
-    args = (xf, pack.w, pack.scale, pack.zero)
+    args = (xf, pack.w, pack.scale, pack.zs)
     y = fn(*args) if fn is not None else fused_math(*args, pack.bits)
     y = y[0] if isinstance(y, (tuple, list)) else y
     if bias is not None:

@@ -98,11 +98,13 @@ def build(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, p
     return FusedPack(pack_codes(codes, scheme.bits, g), s, (z * s).contiguous(), p, scheme.bits)
 
 
-def fused_math(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, zs: torch.Tensor, bits: int) -> torch.Tensor:
+def fused_math(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, zs: torch.Tensor,
+               bits: int) -> torch.Tensor:
     """(M, K) float32 x (N, K*bits/8) packed codes -> (M, N) float32, y = x ((q - z) s)^T, given s and
     zs = z s per (row, group). Plain torch: this is what Inductor compiles, and what runs eagerly if it
     cannot. Two spellings of the same sum, whichever Inductor turned into the faster loop on SmolLM2's
-    shapes (2 threads, M = 1; README):
+    shapes (throwaway timings while writing this, 2 threads, M = 1, weights from DRAM; the kernel as it
+    stands is timed by benchmarks/cpu_kernels.py):
     - grouped: sum over (group, column) of x (q s - zs): one accumulator per row, the group's s and zs
       broadcast into the inner loop (1536x576 4-bit g64: 37 us, against 58 for the form below, which
       reduces every group horizontally);

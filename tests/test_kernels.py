@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from functools import partial
 import subprocess
 import sys
 
@@ -140,7 +141,8 @@ GPU_SCHEMES = [Scheme(bits=4, group_size=128), Scheme(bits=4, group_size=32, sym
 
 
 @gpu
-@pytest.mark.parametrize("name", ["triton_gemv1", "triton_gemv", "triton_gemm", "triton_dequant"])
+@pytest.mark.parametrize("name", ["triton_gemv1", "triton_gemv1h", "triton_gemv1p", "triton_gemv", "triton_gemm",
+                                  "triton_dequant"])
 @pytest.mark.parametrize("scheme", GPU_SCHEMES, ids=lambda s: s.label())
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("k", KS)
@@ -151,7 +153,7 @@ def test_triton_weight_only_kernels_match_reference(name, scheme, act_order, k, 
     qw = dataclasses.replace(qw, codes=qw.codes.cuda(), scale=qw.scale.cuda(),
                              zero=None if qw.zero is None else qw.zero.cuda(),
                              perm=None if qw.perm is None else qw.perm.cuda())
-    for m in (1,) if name == "triton_gemv1" else MS:
+    for m in (1,) if name in kernels.M1_KERNELS else MS:
         x = torch.randn(m, k, device="cuda").to(dtype)
         y = kernels.run(mod, x, name)
         ref = reference.weight_only_linear(x, qw, mod.bias)
@@ -192,6 +194,36 @@ def test_gemv1_split_k_is_deterministic_and_reusable(act_order, bits):
         assert_matches(y1, ref)
         assert torch.equal(y1, y2), cfg
         assert all(int(cnt.abs().sum()) == 0 for _, cnt in pack.scratch.values())
+    # the packed-half2 GEMV: the same splits and tiles, 4-word units (K steps of 4..32 words)
+    from bitsmith.kernels import triton_gemv_h2
+    for split, block_n, block_w, warps in [(1, 32, 16, 1), (3, 64, 8, 1), (8, 64, 16, 1), (16, 128, 32, 2),
+                                           (5, 128, 4, 4), (2, 256, 16, 8)]:
+        cfg = {"split_k": split, "block_n": block_n, "block_w": block_w, "num_warps": warps}
+        y1 = triton_gemv_h2.gemv1p(x, pack, mod.bias.half(), **cfg)
+        y2 = triton_gemv_h2.gemv1p(x, pack, mod.bias.half(), **cfg)
+        assert_matches(y1, ref)
+        assert torch.equal(y1, y2), cfg
+        assert all(int(cnt.abs().sum()) == 0 for _, cnt in pack.scratch.values())
+
+
+@gpu
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv1p_keeps_large_and_small_activations(bits, dtype):
+    """The half2 GEMV scales x per 4-word unit by a power of two: activations near the fp16 limit (bf16: far
+    past it) and tiny ones (fp16 subnormal range) must give the reference's result, not inf or zeros."""
+    from bitsmith.kernels import triton_gemv_h2
+    mod, qw = make_layer(4096, Scheme(bits=bits, group_size=128), False, seed=7, n=128)
+    mod = mod.cuda()
+    qw = dataclasses.replace(qw, codes=qw.codes.cuda(), scale=qw.scale.cuda(), zero=qw.zero.cuda())
+    pack = kernels.operands(mod, "triton_gemv1p")
+    big = 1e4 if dtype == torch.float16 else 1e6
+    for mag in (big, 1e-5, 1.0):
+        x = torch.randn(1, 4096, device="cuda") * mag
+        x[0, ::97] *= 40 if dtype == torch.bfloat16 else 1          # outliers (bf16 only: fp16 would overflow)
+        x = x.to(dtype)
+        y = triton_gemv_h2.gemv1p(x, pack, None)
+        assert_matches(y, reference.weight_only_linear(x.float(), qw, None))
 
 
 @gpu
@@ -237,7 +269,7 @@ def test_gemm_split_k_is_deterministic_and_reusable(split, block_m, block_n):
 
 
 @gpu
-@pytest.mark.parametrize("name", ["int8_fused", "int8_intmm", "fp8"])
+@pytest.mark.parametrize("name", ["int8_fused", "int8_tma", "int8_intmm", "fp8"])
 @pytest.mark.parametrize("k", KS)
 def test_w8a8_kernels_match_reference(name, k):
     from bitsmith.kernels import triton_w8a8 as w8a8
@@ -254,7 +286,8 @@ def test_w8a8_kernels_match_reference(name, k):
     else:
         ws = w.abs().amax(1) / 127
         w8 = torch.round(w / ws[:, None]).clamp(-127, 127).to(torch.int8)
-        fn = w8a8.int8_fused if name == "int8_fused" else w8a8.int8_intmm
+        fn = {"int8_fused": partial(w8a8.int8_fused, tma=False), "int8_tma": partial(w8a8.int8_fused, tma=True),
+              "int8_intmm": w8a8.int8_intmm}[name]
         ref_fn = reference.w8a8_linear
     for m in MS:
         if name == "int8_intmm" and m <= 16:

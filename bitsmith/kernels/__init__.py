@@ -46,6 +46,8 @@ class Kernel:
 
 KERNELS = {k.name: k for k in (
     Kernel("triton_gemv1", "cuda", "W4/W8 A16 fused dequant GEMV, fp16/bf16, M = 1 (one launch)"),
+    Kernel("triton_gemv1h", "cuda", "W4/W8 A16 fused dequant GEMV, codes through fp16 halves, M = 1"),
+    Kernel("triton_gemv1p", "cuda", "W4/W8 A16 fused dequant GEMV on packed half2 math, M = 1"),
     Kernel("triton_gemv", "cuda", "W4/W8 A16 fused dequant GEMV, fp16/bf16, small M"),
     Kernel("triton_gemm", "cuda", "W4/W8 A16 fused dequant tensor-core GEMM, mid M"),
     Kernel("triton_dequant", "cuda", "Triton dequantize + cuBLAS, large M"),
@@ -55,7 +57,8 @@ KERNELS = {k.name: k for k in (
     Kernel("w8a8_intmm", "cuda", "W8A8 int8 via torch._int_mm + Triton epilogue"),
     Kernel("w8a8_fp8", "cuda", "W8A8 FP8 e4m3 via torch._scaled_mm (Hopper+)"),
 )}
-WEIGHT_ONLY_GPU = ("triton_gemv1", "triton_gemv", "triton_gemm", "triton_dequant")
+WEIGHT_ONLY_GPU = ("triton_gemv1", "triton_gemv1h", "triton_gemv1p", "triton_gemv", "triton_gemm", "triton_dequant")
+M1_KERNELS = ("triton_gemv1", "triton_gemv1h", "triton_gemv1p")      # take one row of x
 
 
 def set_policy(policy: str | None) -> None:
@@ -103,11 +106,25 @@ def _layer_reason(module, name: str) -> str | None:
         if name in WEIGHT_ONLY_GPU:
             cache[name] = layout.unsupported_reason(module.n, module.k, module.scheme, module.zero_kind,
                                                     module.transform_spec)
+            if name == "triton_gemv1p" and cache[name] is None:
+                cache[name] = _gemv1p_reason(module)
         elif name in ("cpu_int8", "cpu_int4"):
             cache[name] = _cpu.unsupported_reason(name, module.n, module.k, module.scheme, module.transform_spec)
         else:
             cache[name] = "W8A8 kernels quantize activations; weight-only QuantLinear does not"
     return cache[name]
+
+
+def _gemv1p_reason(module) -> str | None:
+    """triton_gemv_h2.unsupported, from the module's format (without building its operands)."""
+    words = module.k * module.scheme.bits // 32
+    if module.zero_kind not in ("none", "packed"):
+        return "fractional zero points (1024 + z must be exact in fp16)"
+    if words % 4:
+        return f"K={module.k} does not fill whole 4-word units"
+    if layout.kernel_group(module.k, module.scheme) * module.scheme.bits // 32 < 4:
+        return "groups narrower than a 4-word unit"
+    return None
 
 
 def explain(module, x: torch.Tensor) -> dict[str, str]:
@@ -133,7 +150,7 @@ def _auto(module, x: torch.Tensor) -> str | None:
     if dev == "cuda":
         if x.dtype not in (torch.float16, torch.bfloat16) or _triton_reason() is not None:
             return None
-        name = weight_only_choice(x.numel() // module.k, module.n, module.k)
+        name = weight_only_choice(x.numel() // module.k, module.n, module.k, module.scheme.bits)
         return name if _layer_reason(module, name) is None else None
     if dev == "cpu" and x.numel() // module.k <= CPU_MAX_M:
         for name in ("cpu_int4", "cpu_int8"):
@@ -142,7 +159,7 @@ def _auto(module, x: torch.Tensor) -> str | None:
     return None
 
 
-def weight_only_choice(m: int, n: int, k: int) -> str:
+def weight_only_choice(m: int, n: int, k: int, bits: int = 4) -> str:
     """GPU weight-only kernel for an (M, K) x (N, K) product. From the H200 run (README): the one-launch
     GEMV wins at M = 1; the swapped tensor-core GEMM from M = 2 to 64 on every shape (the CUDA-core
     multi-row GEMV never does any more); above, a dense dequantize + cuBLAS (the GEMM won by 5% at M = 256
@@ -164,8 +181,8 @@ def select(module, x: torch.Tensor) -> str | None:
     k = KERNELS.get(pol)
     if k is None or k.device != x.device.type or _layer_reason(module, pol) is not None:
         return None
-    if pol == "triton_gemv1" and x.numel() != module.k:
-        return None                               # the 2-D GEMV takes one row of x
+    if pol in M1_KERNELS and x.numel() != module.k:
+        return None                               # the one-launch GEMVs take one row of x
     if k.device == "cuda" and (x.dtype not in (torch.float16, torch.bfloat16) or _triton_reason()):
         return None
     return pol
@@ -220,9 +237,14 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
         from . import triton_wq
         bias = None if bias is None else bias.to(x.dtype)
         m = x2.shape[0]
-        if name == "triton_gemv1" and m == 1:
+        if name == "triton_gemv1p" and m == 1:
+            from . import triton_gemv_h2
+            y = triton_gemv_h2.gemv1p(x2, pack, bias, **gemv1p_config(module.n, module.k, module.scheme.bits))
+        elif name == "triton_gemv1h" and m == 1:
+            y = triton_wq.gemv1h(x2, pack, bias, **gemv1h_config(module.n, module.k, module.scheme.bits))
+        elif name == "triton_gemv1" and m == 1:
             y = triton_wq.gemv1(x2, pack, bias, **gemv1_config(module.n, module.k, module.scheme.bits))
-        elif name in ("triton_gemv", "triton_gemv1"):
+        elif name in ("triton_gemv",) + M1_KERNELS:
             y = triton_wq.gemv(x2, pack, bias, **gemv_config(m, module.n, module.k))
         elif name == "triton_gemm":
             y = triton_wq.gemm(x2, pack, bias, **gemm_config(m, module.n, module.k, module.scheme.bits))
@@ -286,6 +308,22 @@ def gemv1h_config(n: int, k: int, bits: int = 4) -> dict:
     while split < 16 and progs * split < target and steps // (2 * split) >= 4:
         split *= 2
     return {"block_n": block_n, "block_w": block_w, "split_k": split, "num_warps": warps}
+
+
+def gemv1p_config(n: int, k: int, bits: int = 4) -> dict:
+    """Launch of triton_gemv_h2.gemv1p: 64 rows on one warp (8 rows per thread share the x conversion), one
+    g128 group per K step at 4 bits (16 words; 8 bits: 16 words, half a group), K split in powers of two
+    until >= 1024 programs while each split keeps >= 4 steps. (TUNED winners override it.)"""
+    if ("triton_gemv1p", n, k, 1) in TUNED:
+        return TUNED["triton_gemv1p", n, k, 1]
+    block_n, block_w = 64, 16
+    while block_n > 32 and -(-n // block_n) < 16:
+        block_n //= 2
+    steps = max(1, k * bits // 32 // block_w)
+    progs, split = -(-n // block_n), 1
+    while split < 16 and progs * split < 1024 and steps // (2 * split) >= 4:
+        split *= 2
+    return {"block_n": block_n, "block_w": block_w, "split_k": split, "num_warps": 1}
 
 
 def gemm_config(m: int, n: int, k: int, bits: int = 4) -> dict:

@@ -217,7 +217,8 @@ def test_gemv1p_keeps_large_and_small_activations(bits, dtype):
     mod = mod.cuda()
     qw = dataclasses.replace(qw, codes=qw.codes.cuda(), scale=qw.scale.cuda(), zero=qw.zero.cuda())
     pack = kernels.operands(mod, "triton_gemv1p")
-    big = 1e4 if dtype == torch.float16 else 1e6
+    big = 200.0 if dtype == torch.float16 else 1e6   # fp16: |x| ~ 800 (16 x 15 x 800 overflows fp16 sums
+                                                   # unscaled) with outputs still inside fp16's range
     for mag in (big, 1e-5, 1.0):
         x = torch.randn(1, 4096, device="cuda") * mag
         x[0, ::97] *= 40 if dtype == torch.bfloat16 else 1          # outliers (bf16 only: fp16 would overflow)
@@ -231,11 +232,21 @@ def test_quantlinear_on_cuda_dispatches_by_m():
     mod, _ = make_layer(4096, Scheme(bits=4, group_size=128), act_order=False)
     mod = mod.cuda()
     picks = {m: kernels.select(mod, torch.randn(m, 4096, device="cuda", dtype=torch.float16)) for m in (1, 8, 64)}
-    assert picks == {1: "triton_gemv1", 8: "triton_gemm", 64: "triton_gemm"}
+    assert picks == {1: "triton_gemv1p", 8: "triton_gemm", 64: "triton_gemm"}
+    _, qw = make_layer(4096, Scheme(bits=4, group_size=128), act_order=False)
+    frac = QuantLinear.from_qweight(dataclasses.replace(qw, zero=qw.zero + 0.5)).cuda()   # HQQ-like zeros
+    assert frac.zero_kind == "float16"                                     # gemv1p needs integer zeros
+    assert kernels.select(frac, torch.randn(1, 4096, device="cuda", dtype=torch.float16)) == "triton_gemv1"
 
 
 def test_weight_only_choice_follows_the_measured_crossovers():
-    assert kernels.weight_only_choice(1, 28672, 8192) == "triton_gemv1"
+    assert kernels.weight_only_choice(1, 28672, 8192) == "triton_gemv1p"
+    assert kernels.weight_only_choice(1, 1024, 4096, bits=8) == "triton_gemv1"
+    assert kernels.weight_only_choice(1, 4096, 4096, bits=8) == "triton_gemv1p"
+    # gemv1p: 64 rows x 32-word steps split to >= 768 programs; 32 x 16 where that cannot reach them
+    assert kernels.gemv1p_config(28672, 8192) == {"block_n": 64, "block_w": 32, "split_k": 2, "num_warps": 1}
+    assert kernels.gemv1p_config(8192, 28672)["split_k"] == 8 and kernels.gemv1p_config(128256, 4096)["split_k"] == 1
+    assert kernels.gemv1p_config(4096, 4096) == {"block_n": 32, "block_w": 16, "split_k": 8, "num_warps": 1}
     assert kernels.weight_only_choice(4, 4096, 14336) == "triton_gemm"
     assert kernels.weight_only_choice(64, 4096, 4096) == "triton_gemm"
     assert kernels.weight_only_choice(256, 4096, 4096) == "triton_dequant"

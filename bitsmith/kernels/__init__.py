@@ -6,7 +6,9 @@ for that input, `available()` what this machine can run at all (`bitsmith env` s
 
 Policy (`BITSMITH_KERNELS`, read per call, or `set_policy`): "auto" (default), "reference" (never use a
 kernel), or one kernel name to force where it applies. "auto" on CUDA picks by M = rows of x:
-  triton_gemv1    CUDA-core fused dequant GEMV in one launch (split K reduced in-kernel): M = 1
+  triton_gemv1p   CUDA-core fused dequant GEMV on packed half2 math, one launch (triton_gemv_h2): M = 1
+  triton_gemv1    the fp32 one-launch GEMV: M = 1 where gemv1p cannot run or 8-bit layers under 8M weights
+  triton_gemv1h   the fp32 GEMV with half-float code conversion: only when forced
   triton_gemm     tensor-core fused dequant GEMM (operands swapped, split K): M = 2..64
   triton_dequant  Triton dequantize to a dense weight, then cuBLAS: M > 64
   triton_gemv     CUDA-core fused dequant GEMV for several rows of x: only when forced (the GEMM beats it)
@@ -151,6 +153,8 @@ def _auto(module, x: torch.Tensor) -> str | None:
         if x.dtype not in (torch.float16, torch.bfloat16) or _triton_reason() is not None:
             return None
         name = weight_only_choice(x.numel() // module.k, module.n, module.k, module.scheme.bits)
+        if name == "triton_gemv1p" and _layer_reason(module, name) is not None:
+            name = "triton_gemv1"
         return name if _layer_reason(module, name) is None else None
     if dev == "cpu" and x.numel() // module.k <= CPU_MAX_M:
         for name in ("cpu_int4", "cpu_int8"):
@@ -160,12 +164,14 @@ def _auto(module, x: torch.Tensor) -> str | None:
 
 
 def weight_only_choice(m: int, n: int, k: int, bits: int = 4) -> str:
-    """GPU weight-only kernel for an (M, K) x (N, K) product. From the H200 run (README): the one-launch
-    GEMV wins at M = 1; the swapped tensor-core GEMM from M = 2 to 64 on every shape (the CUDA-core
-    multi-row GEMV never does any more); above, a dense dequantize + cuBLAS (the GEMM won by 5% at M = 256
-    on 28672x8192 but lost by 1.5x on 8192x28672)."""
+    """GPU weight-only kernel for an (M, K) x (N, K) product. From the H200 runs (README): at M = 1 the
+    packed-half2 GEMV (1.0-1.4x faster than gemv1 on the nine shapes swept, 4 and 8 bits), except 8-bit
+    layers under 8M weights, where gemv1 was faster (1024x4096: 5.1 vs 5.9 us); the swapped tensor-core
+    GEMM from M = 2 to 64 on every shape (the CUDA-core multi-row GEMV never wins any more); above, a dense
+    dequantize + cuBLAS (the GEMM won by 5% at M = 256 on 28672x8192 but lost by 1.5x on 8192x28672).
+    Where gemv1p cannot run a layer (fractional zeros, ragged 4-word units) dispatch takes gemv1."""
     if m == 1:
-        return "triton_gemv1"
+        return "triton_gemv1" if bits == 8 and n * k < 2**23 else "triton_gemv1p"
     if m <= 64:
         return "triton_gemm"
     return "triton_dequant"
@@ -311,18 +317,20 @@ def gemv1h_config(n: int, k: int, bits: int = 4) -> dict:
 
 
 def gemv1p_config(n: int, k: int, bits: int = 4) -> dict:
-    """Launch of triton_gemv_h2.gemv1p: 64 rows on one warp (8 rows per thread share the x conversion), one
-    g128 group per K step at 4 bits (16 words; 8 bits: 16 words, half a group), K split in powers of two
-    until >= 1024 programs while each split keeps >= 4 steps. (TUNED winners override it.)"""
+    """Launch of triton_gemv_h2.gemv1p, the H200 sweep's winners as a rule (sweep-m1-all-p.json): 64 rows on
+    one warp (8 rows per thread share the x conversion), 32 words per K step (two g128 groups at 4 bits),
+    K split in powers of two until >= 768 programs while each split keeps >= 2 steps; where that cannot
+    reach 768 programs (small N and K), 32 rows and 16-word steps, split the same way (at most 16).
+    (TUNED winners override it.)"""
     if ("triton_gemv1p", n, k, 1) in TUNED:
         return TUNED["triton_gemv1p", n, k, 1]
-    block_n, block_w = 64, 16
-    while block_n > 32 and -(-n // block_n) < 16:
-        block_n //= 2
-    steps = max(1, k * bits // 32 // block_w)
-    progs, split = -(-n // block_n), 1
-    while split < 16 and progs * split < 1024 and steps // (2 * split) >= 4:
-        split *= 2
+    words = k * bits // 32
+    for block_n, block_w in ((64, 32), (32, 16)):
+        progs, steps, split = -(-n // block_n), max(1, words // block_w), 1
+        while split < 16 and progs * split < 768 and steps // (2 * split) >= 2:
+            split *= 2
+        if progs * split >= 768:
+            break
     return {"block_n": block_n, "block_w": block_w, "split_k": split, "num_warps": 1}
 
 

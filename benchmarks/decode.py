@@ -10,7 +10,8 @@ torch.profiler's top operators for one decode step of each model.
 weights, one decode step captured in a CUDA graph, batch 1 and 16, bf16 vs bitsmith W4 g128 vs W8.
 
     OMP_NUM_THREADS=2 python benchmarks/decode.py --cpu [--threads 2] [--profile] [--json out.json]
-    python benchmarks/decode.py --gpu [--json out.json]
+    python -P benchmarks/decode.py --gpu [--variants plain,fused+head+glue] [--kernels auto,triton_gemv1h]
+        [--profile] [--json out.json]
 """
 
 from __future__ import annotations
@@ -92,23 +93,30 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--variants", default="plain", help="GPU: comma-separated model variants, e.g. "
+                    "plain,fused+head+glue (parts: plain, fused, head, glue; see decode_gpu.py)")
+    ap.add_argument("--kernels", default="auto", help="GPU: comma-separated kernel policies for the "
+                    "quantized linears, e.g. auto,triton_gemv1h (a forced M = 1 kernel runs at batch 1 only)")
+    ap.add_argument("--models", default="bf16,W4 g128,W8 per-channel")
+    ap.add_argument("--batches", default="1,16")
     a = ap.parse_args()
     rows = []
     if a.cpu:
         rows += cpu(a.threads, a.profile)
     if a.gpu:
         from benchmarks.decode_gpu import gpu      # noqa: PLC0415 - CUDA-only, kept apart
-        rows += gpu()
+        rows += gpu(variants=a.variants.split(","), kernel_policies=a.kernels.split(","),
+                    models=a.models.split(","), batches=[int(v) for v in a.batches.split(",")], profile=a.profile)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
-    base = {(r["model"], r.get("batch", 1)): r for r in rows if r.get("policy") == "auto"}
-    print("\n| model | batch | kernels | decode tok/s | x FP32 / bf16 |\n|---|---|---|---|---|")
+    base = {(r["model"], r.get("batch", 1), r.get("variant")): r for r in rows if r.get("policy") == "auto"}
+    print("\n| model | variant | batch | kernels | decode tok/s | x FP32 / bf16 |\n|---|---|---|---|---|---|")
     for r in rows:
-        b = r.get("batch", 1)
-        fp = base.get(("FP32", b)) or base.get(("bf16", b))
+        b, v = r.get("batch", 1), r.get("variant")
+        fp = base.get(("FP32", b, v)) or base.get(("bf16", b, v))
         sp = r["decode_tokens_per_s"] / fp["decode_tokens_per_s"] if fp else float("nan")
-        print(f"| {r['model']} | {b} | {', '.join(r['kernel'])} ({r['policy']}) | {r['decode_tokens_per_s']:.2f} "
-              f"| {sp:.2f}x |")
+        print(f"| {r['model']} | {v or '-'} | {b} | {', '.join(r['kernel'])} ({r['policy']}) | "
+              f"{r['decode_tokens_per_s']:.2f} | {sp:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bitsmith import kernels  # noqa: E402
-from bitsmith.kernels import triton_w8a8, triton_wq  # noqa: E402
+from bitsmith.kernels import triton_gemv_h2, triton_w8a8, triton_wq  # noqa: E402
 from bitsmith.nn import QuantLinear  # noqa: E402
 from bitsmith.primitives import quantize_weight  # noqa: E402
 from bitsmith.recipe import Scheme  # noqa: E402
@@ -210,12 +210,15 @@ def run_shape(n: int, k: int, ms: list[int], tuned: dict) -> list[dict]:
             timed(r, "torch_int4", [lambda p=p: torch._weight_int4pack_mm(x, p[0], 128, p[1]) for p in t4s])
         r["w4_auto_kernel"] = kernels.select(w4s[0], x) or "reference"
         timed(r, "w4_auto", [lambda mm=mm: mm(x) for mm in w4s])
-        for name in ("triton_gemv1h", "triton_gemv1", "triton_gemv", "triton_gemm", "triton_dequant"):
+        for name in ("triton_gemv1p", "triton_gemv1h", "triton_gemv1", "triton_gemv", "triton_gemm", "triton_dequant"):
             if name == "triton_gemv" and m > 64 or name == "triton_dequant" and m < 16 or \
                     name.startswith("triton_gemv1") and m > 1:
                 continue
             packs = [kernels.operands(mm, "triton_gemm") for mm in w4s]
-            if name == "triton_gemv1h":      # M = 1 kernel of this session (what dispatch runs)
+            if name == "triton_gemv1p":      # the packed-half2 M = 1 GEMV (triton_gemv_h2)
+                fns = [lambda p=p, x=x: triton_gemv_h2.gemv1p(x, p, None, **kernels.gemv1p_config(n, k, 4))
+                       for p in packs]
+            elif name == "triton_gemv1h":
                 fns = [lambda p=p, x=x: triton_wq.gemv1h(x, p, None, **kernels.gemv1h_config(n, k, 4)) for p in packs]
             elif name == "triton_gemv1":     # the previous M = 1 kernel, same run, for before / after
                 fns = [lambda p=p: triton_wq.gemv1(x, p, None, **kernels.gemv1_config(n, k, 4)) for p in packs]
@@ -241,6 +244,9 @@ def run_shape(n: int, k: int, ms: list[int], tuned: dict) -> list[dict]:
             timed(r, "w8_triton_gemv1", [lambda p=p: triton_wq.gemv1(x, p, None, **cfg8) for p in packs8])
             cfg8h = kernels.gemv1h_config(n, k, 8)
             timed(r, "w8_triton_gemv1h", [lambda p=p, x=x, c=cfg8h: triton_wq.gemv1h(x, p, None, **c) for p in packs8])
+            cfg8p = kernels.gemv1p_config(n, k, 8)
+            timed(r, "w8_triton_gemv1p", [lambda p=p, x=x, c=cfg8p: triton_gemv_h2.gemv1p(x, p, None, **c)
+                                          for p in packs8])
         if m <= 64:
             packs8 = [kernels.operands(mm, "triton_gemv") for mm in w8s]
             cfg8 = tuned.get(f"gemv8_{n}x{k}_{m}") or kernels.gemv_config(m, n, k)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from functools import partial
 import subprocess
 import sys
 
@@ -146,7 +147,8 @@ GPU_SCHEMES = [Scheme(bits=4, group_size=128), Scheme(bits=4, group_size=32, sym
 
 
 @gpu
-@pytest.mark.parametrize("name", ["triton_gemv1", "triton_gemv", "triton_gemm", "triton_dequant"])
+@pytest.mark.parametrize("name", ["triton_gemv1", "triton_gemv1h", "triton_gemv1p", "triton_gemv", "triton_gemm",
+                                  "triton_dequant"])
 @pytest.mark.parametrize("scheme", GPU_SCHEMES, ids=lambda s: s.label())
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("k", KS)
@@ -157,7 +159,7 @@ def test_triton_weight_only_kernels_match_reference(name, scheme, act_order, k, 
     qw = dataclasses.replace(qw, codes=qw.codes.cuda(), scale=qw.scale.cuda(),
                              zero=None if qw.zero is None else qw.zero.cuda(),
                              perm=None if qw.perm is None else qw.perm.cuda())
-    for m in (1,) if name == "triton_gemv1" else MS:
+    for m in (1,) if name in kernels.M1_KERNELS else MS:
         x = torch.randn(m, k, device="cuda").to(dtype)
         y = kernels.run(mod, x, name)
         ref = reference.weight_only_linear(x, qw, mod.bias)
@@ -198,6 +200,37 @@ def test_gemv1_split_k_is_deterministic_and_reusable(act_order, bits):
         assert_matches(y1, ref)
         assert torch.equal(y1, y2), cfg
         assert all(int(cnt.abs().sum()) == 0 for _, cnt in pack.scratch.values())
+    # the packed-half2 GEMV: the same splits and tiles, 4-word units (K steps of 4..32 words)
+    from bitsmith.kernels import triton_gemv_h2
+    for split, block_n, block_w, warps in [(1, 32, 16, 1), (3, 64, 8, 1), (8, 64, 16, 1), (16, 128, 32, 2),
+                                           (5, 128, 4, 4), (2, 256, 16, 8)]:
+        cfg = {"split_k": split, "block_n": block_n, "block_w": block_w, "num_warps": warps}
+        y1 = triton_gemv_h2.gemv1p(x, pack, mod.bias.half(), **cfg)
+        y2 = triton_gemv_h2.gemv1p(x, pack, mod.bias.half(), **cfg)
+        assert_matches(y1, ref)
+        assert torch.equal(y1, y2), cfg
+        assert all(int(cnt.abs().sum()) == 0 for _, cnt in pack.scratch.values())
+
+
+@gpu
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv1p_keeps_large_and_small_activations(bits, dtype):
+    """The half2 GEMV scales x per 4-word unit by a power of two: activations near the fp16 limit (bf16: far
+    past it) and tiny ones (fp16 subnormal range) must give the reference's result, not inf or zeros."""
+    from bitsmith.kernels import triton_gemv_h2
+    mod, qw = make_layer(4096, Scheme(bits=bits, group_size=128), False, seed=7, n=128)
+    mod = mod.cuda()
+    qw = dataclasses.replace(qw, codes=qw.codes.cuda(), scale=qw.scale.cuda(), zero=qw.zero.cuda())
+    pack = kernels.operands(mod, "triton_gemv1p")
+    big = 200.0 if dtype == torch.float16 else 1e6   # fp16: |x| ~ 800 (16 x 15 x 800 overflows fp16 sums
+                                                   # unscaled) with outputs still inside fp16's range
+    for mag in (big, 1e-5, 1.0):
+        x = torch.randn(1, 4096, device="cuda") * mag
+        x[0, ::97] *= 40 if dtype == torch.bfloat16 else 1          # outliers (bf16 only: fp16 would overflow)
+        x = x.to(dtype)
+        y = triton_gemv_h2.gemv1p(x, pack, None)
+        assert_matches(y, reference.weight_only_linear(x.float(), qw, None))
 
 
 @gpu
@@ -205,11 +238,21 @@ def test_quantlinear_on_cuda_dispatches_by_m():
     mod, _ = make_layer(4096, Scheme(bits=4, group_size=128), act_order=False)
     mod = mod.cuda()
     picks = {m: kernels.select(mod, torch.randn(m, 4096, device="cuda", dtype=torch.float16)) for m in (1, 8, 64)}
-    assert picks == {1: "triton_gemv1", 8: "triton_gemm", 64: "triton_gemm"}
+    assert picks == {1: "triton_gemv1p", 8: "triton_gemm", 64: "triton_gemm"}
+    _, qw = make_layer(4096, Scheme(bits=4, group_size=128), act_order=False)
+    frac = QuantLinear.from_qweight(dataclasses.replace(qw, zero=qw.zero + 0.5)).cuda()   # HQQ-like zeros
+    assert frac.zero_kind == "float16"                                     # gemv1p needs integer zeros
+    assert kernels.select(frac, torch.randn(1, 4096, device="cuda", dtype=torch.float16)) == "triton_gemv1"
 
 
 def test_weight_only_choice_follows_the_measured_crossovers():
-    assert kernels.weight_only_choice(1, 28672, 8192) == "triton_gemv1"
+    assert kernels.weight_only_choice(1, 28672, 8192) == "triton_gemv1p"
+    assert kernels.weight_only_choice(1, 1024, 4096, bits=8) == "triton_gemv1"
+    assert kernels.weight_only_choice(1, 4096, 4096, bits=8) == "triton_gemv1p"
+    # gemv1p: 64 rows x 32-word steps split to >= 768 programs; 32 x 16 where that cannot reach them
+    assert kernels.gemv1p_config(28672, 8192) == {"block_n": 64, "block_w": 32, "split_k": 2, "num_warps": 1}
+    assert kernels.gemv1p_config(8192, 28672)["split_k"] == 8 and kernels.gemv1p_config(128256, 4096)["split_k"] == 1
+    assert kernels.gemv1p_config(4096, 4096) == {"block_n": 32, "block_w": 16, "split_k": 8, "num_warps": 1}
     assert kernels.weight_only_choice(4, 4096, 14336) == "triton_gemm"
     assert kernels.weight_only_choice(64, 4096, 4096) == "triton_gemm"
     assert kernels.weight_only_choice(256, 4096, 4096) == "triton_dequant"
@@ -243,7 +286,7 @@ def test_gemm_split_k_is_deterministic_and_reusable(split, block_m, block_n):
 
 
 @gpu
-@pytest.mark.parametrize("name", ["int8_fused", "int8_intmm", "fp8"])
+@pytest.mark.parametrize("name", ["int8_fused", "int8_tma", "int8_intmm", "fp8"])
 @pytest.mark.parametrize("k", KS)
 def test_w8a8_kernels_match_reference(name, k):
     from bitsmith.kernels import triton_w8a8 as w8a8
@@ -260,7 +303,8 @@ def test_w8a8_kernels_match_reference(name, k):
     else:
         ws = w.abs().amax(1) / 127
         w8 = torch.round(w / ws[:, None]).clamp(-127, 127).to(torch.int8)
-        fn = w8a8.int8_fused if name == "int8_fused" else w8a8.int8_intmm
+        fn = {"int8_fused": partial(w8a8.int8_fused, tma=False), "int8_tma": partial(w8a8.int8_fused, tma=True),
+              "int8_intmm": w8a8.int8_intmm}[name]
         ref_fn = reference.w8a8_linear
     for m in MS:
         if name == "int8_intmm" and m <= 16:

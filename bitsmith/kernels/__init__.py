@@ -6,7 +6,9 @@ for that input, `available()` what this machine can run at all (`bitsmith env` s
 
 Policy (`BITSMITH_KERNELS`, read per call, or `set_policy`): "auto" (default), "reference" (never use a
 kernel), or one kernel name to force where it applies. "auto" on CUDA picks by M = rows of x:
-  triton_gemv1    CUDA-core fused dequant GEMV in one launch (split K reduced in-kernel): M = 1
+  triton_gemv1p   CUDA-core fused dequant GEMV on packed half2 math, one launch (triton_gemv_h2): M = 1
+  triton_gemv1    the fp32 one-launch GEMV: M = 1 where gemv1p cannot run or 8-bit layers under 8M weights
+  triton_gemv1h   the fp32 GEMV with half-float code conversion: only when forced
   triton_gemm     tensor-core fused dequant GEMM (operands swapped, split K): M = 2..64
   triton_dequant  Triton dequantize to a dense weight, then cuBLAS: M > 64
   triton_gemv     CUDA-core fused dequant GEMV for several rows of x: only when forced (the GEMM beats it)
@@ -50,6 +52,8 @@ class Kernel:
 
 KERNELS = {k.name: k for k in (
     Kernel("triton_gemv1", "cuda", "W4/W8 A16 fused dequant GEMV, fp16/bf16, M = 1 (one launch)"),
+    Kernel("triton_gemv1h", "cuda", "W4/W8 A16 fused dequant GEMV, codes through fp16 halves, M = 1"),
+    Kernel("triton_gemv1p", "cuda", "W4/W8 A16 fused dequant GEMV on packed half2 math, M = 1"),
     Kernel("triton_gemv", "cuda", "W4/W8 A16 fused dequant GEMV, fp16/bf16, small M"),
     Kernel("triton_gemm", "cuda", "W4/W8 A16 fused dequant tensor-core GEMM, mid M"),
     Kernel("triton_dequant", "cuda", "Triton dequantize + cuBLAS, large M"),
@@ -60,7 +64,8 @@ KERNELS = {k.name: k for k in (
     Kernel("w8a8_intmm", "cuda", "W8A8 int8 via torch._int_mm + Triton epilogue"),
     Kernel("w8a8_fp8", "cuda", "W8A8 FP8 e4m3 via torch._scaled_mm (Hopper+)"),
 )}
-WEIGHT_ONLY_GPU = ("triton_gemv1", "triton_gemv", "triton_gemm", "triton_dequant")
+WEIGHT_ONLY_GPU = ("triton_gemv1", "triton_gemv1h", "triton_gemv1p", "triton_gemv", "triton_gemm", "triton_dequant")
+M1_KERNELS = ("triton_gemv1", "triton_gemv1h", "triton_gemv1p")      # take one row of x
 
 
 def set_policy(policy: str | None) -> None:
@@ -123,6 +128,8 @@ def _layer_reason(module, name: str) -> str | None:
         if name in WEIGHT_ONLY_GPU:
             cache[name] = layout.unsupported_reason(module.n, module.k, module.scheme, module.zero_kind,
                                                     module.transform_spec)
+            if name == "triton_gemv1p" and cache[name] is None:
+                cache[name] = _gemv1p_reason(module)
         elif name == "cpu_fused":
             cache[name] = _fused.unsupported_reason(module.n, module.k, module.scheme, module.transform_spec)
         elif name in ("cpu_int8", "cpu_int4"):
@@ -130,6 +137,18 @@ def _layer_reason(module, name: str) -> str | None:
         else:
             cache[name] = "W8A8 kernels quantize activations; weight-only QuantLinear does not"
     return cache[name]
+
+
+def _gemv1p_reason(module) -> str | None:
+    """triton_gemv_h2.unsupported, from the module's format (without building its operands)."""
+    words = module.k * module.scheme.bits // 32
+    if module.zero_kind not in ("none", "packed"):
+        return "fractional zero points (1024 + z must be exact in fp16)"
+    if words % 4:
+        return f"K={module.k} does not fill whole 4-word units"
+    if layout.kernel_group(module.k, module.scheme) * module.scheme.bits // 32 < 4:
+        return "groups narrower than a 4-word unit"
+    return None
 
 
 def explain(module, x: torch.Tensor) -> dict[str, str]:
@@ -153,9 +172,11 @@ def explain(module, x: torch.Tensor) -> dict[str, str]:
 def _auto(module, x: torch.Tensor) -> str | None:
     dev = x.device.type
     if dev == "cuda":
-        if x.dtype not in (torch.float16, torch.bfloat16) or _triton_reason() is not None:
-            return None
-        name = weight_only_choice(x.numel() // module.k, module.n, module.k)
+        if x.dtype not in (torch.float16, torch.bfloat16) or _machine()["triton_gemv1"] is not None:
+            return None                           # (the cached verdict: _triton_reason() asks CUDA and importlib)
+        name = weight_only_choice(x.numel() // module.k, module.n, module.k, module.scheme.bits)
+        if name == "triton_gemv1p" and _layer_reason(module, name) is not None:
+            name = "triton_gemv1"
         return name if _layer_reason(module, name) is None else None
     if dev == "cpu" and x.numel() // module.k <= CPU_MAX_M:
         for name in CPU_AUTO_ORDER:
@@ -164,13 +185,15 @@ def _auto(module, x: torch.Tensor) -> str | None:
     return None
 
 
-def weight_only_choice(m: int, n: int, k: int) -> str:
-    """GPU weight-only kernel for an (M, K) x (N, K) product. From the H200 run (README): the one-launch
-    GEMV wins at M = 1; the swapped tensor-core GEMM from M = 2 to 64 on every shape (the CUDA-core
-    multi-row GEMV never does any more); above, a dense dequantize + cuBLAS (the GEMM won by 5% at M = 256
-    on 28672x8192 but lost by 1.5x on 8192x28672)."""
+def weight_only_choice(m: int, n: int, k: int, bits: int = 4) -> str:
+    """GPU weight-only kernel for an (M, K) x (N, K) product. From the H200 runs (README): at M = 1 the
+    packed-half2 GEMV (1.0-1.4x faster than gemv1 on the nine shapes swept, 4 and 8 bits), except 8-bit
+    layers under 8M weights, where gemv1 was faster (1024x4096: 5.1 vs 5.9 us); the swapped tensor-core
+    GEMM from M = 2 to 64 on every shape (the CUDA-core multi-row GEMV never wins any more); above, a dense
+    dequantize + cuBLAS (the GEMM won by 5% at M = 256 on 28672x8192 but lost by 1.5x on 8192x28672).
+    Where gemv1p cannot run a layer (fractional zeros, ragged 4-word units) dispatch takes gemv1."""
     if m == 1:
-        return "triton_gemv1"
+        return "triton_gemv1" if bits == 8 and n * k < 2**23 else "triton_gemv1p"
     if m <= 64:
         return "triton_gemm"
     return "triton_dequant"
@@ -186,9 +209,9 @@ def select(module, x: torch.Tensor) -> str | None:
     k = KERNELS.get(pol)
     if k is None or k.device != x.device.type or _usable(pol) or _layer_reason(module, pol) is not None:
         return None
-    if pol == "triton_gemv1" and x.numel() != module.k:
-        return None                               # the 2-D GEMV takes one row of x
-    if k.device == "cuda" and (x.dtype not in (torch.float16, torch.bfloat16) or _triton_reason()):
+    if pol in M1_KERNELS and x.numel() != module.k:
+        return None                               # the one-launch GEMVs take one row of x
+    if k.device == "cuda" and x.dtype not in (torch.float16, torch.bfloat16):
         return None
     return pol
 
@@ -246,9 +269,14 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
         from . import triton_wq
         bias = None if bias is None else bias.to(x.dtype)
         m = x2.shape[0]
-        if name == "triton_gemv1" and m == 1:
+        if name == "triton_gemv1p" and m == 1:
+            from . import triton_gemv_h2
+            y = triton_gemv_h2.gemv1p(x2, pack, bias, **gemv1p_config(module.n, module.k, module.scheme.bits))
+        elif name == "triton_gemv1h" and m == 1:
+            y = triton_wq.gemv1h(x2, pack, bias, **gemv1h_config(module.n, module.k, module.scheme.bits))
+        elif name == "triton_gemv1" and m == 1:
             y = triton_wq.gemv1(x2, pack, bias, **gemv1_config(module.n, module.k, module.scheme.bits))
-        elif name in ("triton_gemv", "triton_gemv1"):
+        elif name in ("triton_gemv",) + M1_KERNELS:
             y = triton_wq.gemv(x2, pack, bias, **gemv_config(m, module.n, module.k))
         elif name == "triton_gemm":
             y = triton_wq.gemm(x2, pack, bias, **gemm_config(m, module.n, module.k, module.scheme.bits))
@@ -314,6 +342,24 @@ def gemv1h_config(n: int, k: int, bits: int = 4) -> dict:
     while split < 16 and progs * split < target and steps // (2 * split) >= 4:
         split *= 2
     return {"block_n": block_n, "block_w": block_w, "split_k": split, "num_warps": warps}
+
+
+def gemv1p_config(n: int, k: int, bits: int = 4) -> dict:
+    """Launch of triton_gemv_h2.gemv1p, the H200 sweep's winners as a rule (sweep-m1-all-p.json): 64 rows on
+    one warp (8 rows per thread share the x conversion), 32 words per K step (two g128 groups at 4 bits),
+    K split in powers of two until >= 768 programs while each split keeps >= 2 steps; where that cannot
+    reach 768 programs (small N and K), 32 rows and 16-word steps, split the same way (at most 16).
+    (TUNED winners override it.)"""
+    if ("triton_gemv1p", n, k, 1) in TUNED:
+        return TUNED["triton_gemv1p", n, k, 1]
+    words = k * bits // 32
+    for block_n, block_w in ((64, 32), (32, 16)):
+        progs, steps, split = -(-n // block_n), max(1, words // block_w), 1
+        while split < 16 and progs * split < 768 and steps // (2 * split) >= 2:
+            split *= 2
+        if progs * split >= 768:
+            break
+    return {"block_n": block_n, "block_w": block_w, "split_k": split, "num_warps": 1}
 
 
 def gemm_config(m: int, n: int, k: int, bits: int = 4) -> dict:

@@ -79,6 +79,39 @@ def _int8_gemm_kernel(A, B, SA, SB, BIAS, Y, M, N, K, HAS_BIAS: tl.constexpr, BL
 
 
 @triton.jit
+def _int8_gemm_tma_kernel(a_desc, b_desc, SA, SB, BIAS, Y, M, N, K, HAS_BIAS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr):
+    """The same product with Hopper's bulk tensor copies (TMA descriptors built on the host: one
+    instruction per tile load, no per-thread address arithmetic) and a persistent grid of NUM_PROGS
+    programs walking the output tiles in GROUP_M-row bands (L2 reuse of the B tiles); FLATTEN lets Triton
+    pipeline across tile boundaries (its persistent-matmul pattern)."""
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    width = GROUP_M * grid_n
+    for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_PROGS, flatten=FLATTEN):
+        first_m = (tile // width) * GROUP_M
+        size_m = min(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % width) % size_m
+        pid_n = (tile % width) // size_m
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for kt in range(k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, kt * BLOCK_K])
+            b = b_desc.load([pid_n * BLOCK_N, kt * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        sa = tl.load(SA + rm, mask=rm < M, other=0.0)
+        sb = tl.load(SB + rn, mask=rn < N, other=0.0).to(tl.float32)
+        y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+        if HAS_BIAS:
+            y += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rm[:, None] * N + rn[None, :], y.to(Y.dtype.element_ty),
+                 mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit
 def _scale_epilogue_kernel(ACC, SA, SB, BIAS, Y, M, N, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -93,20 +126,38 @@ def _scale_epilogue_kernel(ACC, SA, SB, BIAS, Y, M, N, HAS_BIAS: tl.constexpr, B
 
 
 def int8_fused(x2: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
-               block_m: int | None = None, block_n: int = 128, block_k: int = 128, group_m: int = 8,
-               num_warps: int = 8, num_stages: int | None = None) -> torch.Tensor:
-    """Defaults (H100): 256x128x128 tiles, 3 stages won the sweep at M = 2048; 128-row tiles, 4 stages were
-    1.3-1.7x faster than bf16 at M = 16..64 where 256-row tiles are mostly padding."""
+               block_m: int | None = None, block_n: int | None = None, block_k: int = 128, group_m: int = 8,
+               num_warps: int = 8, num_stages: int | None = None, tma: bool | None = None, persistent: int = 0,
+               flatten: bool = False) -> torch.Tensor:
+    """`tma`: the bulk-copy kernel (_int8_gemm_tma_kernel), on `persistent` programs (0: one per tile).
+    Defaults: M >= 1024 (K % 16 == 0): TMA, 128x256x128 tiles, 4 stages, one program per tile - the H200
+    sweep's winner at M = 2048 on both large shapes (764 / 771 us against 833 / 946 for the cp.async
+    kernel's 256x128x128 x 3 stages, the H100 sweep's winner; sweep-w8a8.json). Smaller M: the cp.async
+    kernel with 128x128x128 tiles, 4 stages (1.3-1.7x faster than bf16 at M = 16..64 on the H100)."""
     m, k = x2.shape
+    if tma is None:
+        tma = m >= 1024 and k % 16 == 0
     if block_m is None:
-        block_m = 256 if m >= 1024 else 128
+        block_m = 128 if tma or m < 1024 else 256
+    if block_n is None:
+        block_n = 256 if tma else 128
     if num_stages is None:
         num_stages = 3 if block_m == 256 else 4
     n = w8.shape[0]
     xq, sx = quantize_rows(x2)
     y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _int8_gemm_kernel[grid](xq, w8, sx, w_scale, bias if bias is not None else w_scale, y, m, n, k,
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    if tma and k % 16 == 0:                     # TMA needs 16-byte row strides
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        progs = min(tiles, persistent or tiles)
+        _int8_gemm_tma_kernel[(progs,)](
+            TensorDescriptor.from_tensor(xq, [block_m, block_k]),
+            TensorDescriptor.from_tensor(w8, [block_n, block_k]),
+            sx, w_scale, bias if bias is not None else w_scale, y, m, n, k, HAS_BIAS=bias is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, NUM_PROGS=progs,
+            FLATTEN=bool(flatten and progs < tiles), num_warps=num_warps, num_stages=num_stages)
+        return y
+    _int8_gemm_kernel[(tiles,)](xq, w8, sx, w_scale, bias if bias is not None else w_scale, y, m, n, k,
                             HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                             GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages)
     return y

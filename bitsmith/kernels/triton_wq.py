@@ -291,6 +291,36 @@ def _x8(X, word, wmask, CPW: tl.constexpr, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _m1_words(rows, word, nmask, wpr, EVEN: tl.constexpr):
+    """A step's (BLOCK_N, BLOCK_W) words of the rows at `rows`, streamed once (evict first)."""
+    if EVEN:
+        return tl.load(rows + word[None, :], eviction_policy="evict_first")
+    else:
+        return tl.load(rows + word[None, :], mask=nmask[:, None] & (word < wpr)[None, :], other=0,
+                       eviction_policy="evict_first")
+
+
+@triton.jit
+def _m1_start(QW, N, wpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
+              EVEN: tl.constexpr):
+    """Program (pid_n, pid_k) of the one-launch M = 1 GEMVs (gemv1h, gemv1p): its BLOCK_N rows, its
+    contiguous run [t0, t1) of K steps of BLOCK_W words, and the words of its first step (clamped to the
+    last step: no predicate), loaded ahead as the loop loads each next step."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    steps = tl.cdiv(wpr, BLOCK_W)
+    per = tl.cdiv(steps, SPLIT_K)
+    t0 = pid_k * per
+    t1 = tl.minimum(t0 + per, steps)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = tl.arange(0, BLOCK_W)
+    nmask = rn < N
+    rows = QW + rn[:, None] * wpr
+    w = _m1_words(rows, tl.minimum(t0, steps - 1) * BLOCK_W + rw, nmask, wpr, EVEN)
+    return pid_n, pid_k, t0, t1, rn, rw, nmask, rows, w
+
+
+@triton.jit
 def _wq_gemv1m_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, BITS: tl.constexpr, GS: tl.constexpr,
                       HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                       SPLIT_K: tl.constexpr, EVEN: tl.constexpr):
@@ -306,35 +336,14 @@ def _wq_gemv1m_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, BITS: tl.constexpr,
     Split K as _wq_gemv1_kernel (last program of a row block reduces, deterministic)."""
     CPW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GS // CPW
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    steps = tl.cdiv(wpr, BLOCK_W)
-    per = tl.cdiv(steps, SPLIT_K)
-    t0 = pid_k * per
-    t1 = tl.minimum(t0 + per, steps)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rw = tl.arange(0, BLOCK_W)
-    nmask = rn < N
-    rows = QW + rn[:, None] * wpr
+    pid_n, pid_k, t0, t1, rn, rw, nmask, rows, w = _m1_start(QW, N, wpr, BLOCK_N, BLOCK_W, SPLIT_K, EVEN)
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
     ACCW: tl.constexpr = 1 if BLOCK_W <= WPG else BLOCK_W
     accc = tl.zeros((BLOCK_N, ACCW), dtype=tl.float32)                        # offsets + zero points
-    tl0 = tl.minimum(t0, steps - 1)
-    if EVEN:
-        w = tl.load(rows + (tl0 * BLOCK_W + rw)[None, :], eviction_policy="evict_first")
-    else:
-        word = tl0 * BLOCK_W + rw
-        w = tl.load(rows + word[None, :], mask=nmask[:, None] & (word < wpr)[None, :], other=0,
-                    eviction_policy="evict_first")
     for t in range(t0, t1):
         word = t * BLOCK_W + rw
         wmask = word < wpr
-        nword = tl.minimum(t + 1, t1 - 1) * BLOCK_W + rw                     # next step (in flight)
-        if EVEN:
-            wn = tl.load(rows + nword[None, :], eviction_policy="evict_first")
-        else:
-            wn = tl.load(rows + nword[None, :], mask=nmask[:, None] & (nword < wpr)[None, :], other=0,
-                         eviction_policy="evict_first")
+        wn = _m1_words(rows, tl.minimum(t + 1, t1 - 1) * BLOCK_W + rw, nmask, wpr, EVEN)   # next step, in flight
         s, z = _step_scales(S, Z, t, word, wmask, rn, nmask, N, BITS, HAS_ZERO, BLOCK_N, BLOCK_W, WPG, EVEN)
         xs = _x8(X, word, wmask, CPW, EVEN)
         c = _dqf(w, BITS)

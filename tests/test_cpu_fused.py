@@ -81,3 +81,14 @@ def test_a_failed_compile_falls_back_to_the_same_numbers(monkeypatch):
     assert_matches(y, reference.weight_only_linear(x, qw, mod.bias))
     assert "no compiler today" in kernels.available()["cpu_fused"]
     assert kernels.select(mod, x) != "cpu_fused"
+
+
+@needs_inductor
+def test_a_users_torch_compile_traces_the_reference_path():
+    """Dispatch steps aside inside torch.compile (no compile within the compile, no cached-operand
+    mutation in the trace): the user's compiler gets the plain dequantize + linear, whole graph."""
+    mod, qw = make_layer(576, Scheme(bits=4, group_size=64), act_order=True)
+    x = torch.randn(1, 576)
+    with torch.no_grad():
+        y = torch.compile(mod, fullgraph=True)(x)
+    assert_matches(y, reference.weight_only_linear(x, qw, mod.bias))

@@ -16,6 +16,9 @@ and on the CPU, for M <= CPU_MAX_M, the fused dequantize-GEMV that Inductor comp
 a C++ compiler), else torch's int8/int4 weight-only kernels (cpu.py).
 The rules and launch defaults are the winners of sweeps on an H200 (H100 for the GEMVs; README).
 
+Inside a user's torch.compile, `select` returns None: the compiler traces the plain dequantize + linear
+(whole graph) and fuses it itself, instead of meeting cached-operand mutation or a compile within its compile.
+
 Kernel operands (re-laid-out scales, CPU packed weights) are built on first use and cached on the module as
 non-persistent buffers, so checkpoints keep bitsmith's own format; they are rebuilt if the codes change.
 Nothing here imports triton until a GPU kernel is actually chosen.
@@ -201,6 +204,8 @@ def weight_only_choice(m: int, n: int, k: int, bits: int = 4) -> str:
 
 def select(module, x: torch.Tensor) -> str | None:
     """The kernel that runs `module` on `x` under the current policy, or None for the reference path."""
+    if torch.compiler.is_compiling():
+        return None       # inside a user's torch.compile: the plain dequantize + linear, for its compiler to fuse
     pol = policy()
     if pol == "reference" or torch.is_grad_enabled() and x.requires_grad:
         return None                               # kernels have no backward; autograd uses the reference

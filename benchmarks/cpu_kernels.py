@@ -61,7 +61,8 @@ def main() -> None:
                     for label, sch in SCHEMES.items()}
             for m in map(int, a.ms.split(",")):
                 x = torch.randn(m, k)
-                row = {"N": n, "K": k, "M": m, "fp32": timed([lambda w=w: F.linear(x, w) for w in ws], a.reps)}
+                fp32 = timed([lambda w=w: F.linear(x, w) for w in ws], a.reps)
+                row = {"N": n, "K": k, "M": m, "fp32": fp32}
                 for label, ms in mods.items():
                     for name in ("cpu_fused", "cpu_int8", "cpu_int4", "reference"):
                         kernels.set_policy(name)

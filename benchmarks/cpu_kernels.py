@@ -25,7 +25,7 @@ from bitsmith.recipe import Scheme  # noqa: E402
 
 SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))      # q/o, k/v, gate/up, down (N, K)
 SCHEMES = {"W8": Scheme(bits=8, group_size=None, symmetric=True), "W4 g64": Scheme(bits=4, group_size=64),
-           "W2 g64": Scheme(bits=2, group_size=64)}
+           "W3 g64": Scheme(bits=3, group_size=64), "W2 g64": Scheme(bits=2, group_size=64)}
 ROTATE_BYTES = 200e6
 
 

@@ -66,6 +66,7 @@ class _Packed(nn.Module):
     the QWeight's transform tensors (see the module docstring)."""
 
     TRANSFORMS: tuple[str, ...] = ()      # run-time transforms this class applies in forward
+    BEFORE_KERNEL: tuple[str, ...] = ()   # of those, the ones forward applies to x before any kernel runs
 
     def __init__(self, n: int, k: int, scheme: Scheme, method: str, zero: str, has_perm: bool,
                  transform: dict[str, dict] | None = None) -> None:
@@ -373,11 +374,16 @@ class InputScaledLinear(QuantLinear):
 
     kind = "linear_input_scaled"
     TRANSFORMS = ("input_scale",)
+    BEFORE_KERNEL = ("input_scale",)      # x / s first; then the codes are an ordinary weight for kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x * self.input_scale.to(x.dtype)
+        kernel = kernels.select(self, xs)
+        if kernel is not None:
+            return kernels.run(self, xs, kernel)
         w = dequantize_weight(dataclasses.replace(self.qweight(), transform=None), x.dtype)   # W diag(s)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x * self.input_scale.to(x.dtype), w, bias)
+        return F.linear(xs, w, bias)
 
 
 QUANT_MODULES = {"linear": QuantLinear, "conv2d": QuantConv2d, "embedding": QuantEmbedding,

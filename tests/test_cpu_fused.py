@@ -9,13 +9,16 @@ import torch
 
 from bitsmith import kernels
 from bitsmith.kernels import cpu_fused, reference
+from bitsmith.nn import QuantLinear
 from bitsmith.recipe import Scheme
 from .test_kernels import KS, MS, assert_matches, make_layer
 
 needs_inductor = pytest.mark.skipif(cpu_fused.missing() is not None, reason=str(cpu_fused.missing()))
 FULL = [Scheme(bits=4, group_size=64), Scheme(bits=8, group_size=None, symmetric=True)]
 MORE = [Scheme(bits=4, group_size=32, symmetric=True), Scheme(bits=8, group_size=32),
-        Scheme(bits=2, group_size=64), Scheme(bits=2, group_size=None, symmetric=True)]
+        Scheme(bits=2, group_size=64), Scheme(bits=2, group_size=None, symmetric=True),
+        Scheme(bits=3, group_size=64), Scheme(bits=3, group_size=32, symmetric=True),
+        Scheme(bits=1, group_size=64), Scheme(bits=5, group_size=64), Scheme(bits=6, group_size=None)]
 
 
 @pytest.mark.parametrize("bits,g", [(2, 64), (4, 64), (4, 576), (8, 32)])
@@ -56,7 +59,7 @@ def test_other_widths_and_groups(scheme):
 
 
 def test_refuses_what_it_cannot_run():
-    assert "3-bit" in cpu_fused.unsupported_reason(8, 576, Scheme(bits=3), {})
+    assert [cpu_fused.store_bits(b) for b in range(1, 9)] == [2, 2, 4, 4, 8, 8, 8, 8]
     assert "grid nf4" in cpu_fused.unsupported_reason(8, 576, Scheme(bits=4, grid="nf4"), {})
     assert "dividing K" in cpu_fused.unsupported_reason(8, 600, Scheme(bits=4, group_size=128), {})
     assert "transforms" in cpu_fused.unsupported_reason(8, 576, Scheme(bits=4), {"had_in": None})
@@ -92,3 +95,26 @@ def test_a_users_torch_compile_traces_the_reference_path():
     with torch.no_grad():
         y = torch.compile(mod, fullgraph=True)(x)
     assert_matches(y, reference.weight_only_linear(x, qw, mod.bias))
+
+
+@needs_inductor
+def test_awq_input_scaled_layers_run_the_kernel_on_x_over_s():
+    """AWQ's run-time input scale (o_proj under GQA): the module scales x itself, then the codes are an
+    ordinary weight for the kernel; act-order on top."""
+    from bitsmith.nn import InputScaledLinear
+    from bitsmith.primitives import QWeight
+
+    _, qw = make_layer(576, Scheme(bits=4, group_size=64), act_order=True, seed=7)
+    g = torch.Generator().manual_seed(7)
+    scale = {"input_scale": torch.rand(576, generator=g) + 0.5}
+    qw = QWeight(qw.codes, qw.scale, qw.zero, qw.scheme, qw.perm, scale)
+    mod = QuantLinear.from_qweight(qw, torch.randn(80, generator=g))
+    assert isinstance(mod, InputScaledLinear)
+    x = torch.randn(1, 576, generator=g)
+    assert kernels.select(mod, x) == "cpu_fused"
+    assert_matches(mod(x), reference.weight_only_linear(x, qw, mod.bias))
+    kernels.set_policy("reference")
+    try:
+        assert_matches(mod(x), reference.weight_only_linear(x, qw, mod.bias))
+    finally:
+        kernels.set_policy(None)

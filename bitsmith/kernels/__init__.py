@@ -128,15 +128,16 @@ def _layer_reason(module, name: str) -> str | None:
     """Why kernel `name` cannot run this module's weight format (None when it can); cached per module."""
     cache = module.__dict__.setdefault("_kernel_reasons", {})
     if name not in cache:
+        before = getattr(module, "BEFORE_KERNEL", ())     # applied to x by the module itself (AWQ's 1/s)
+        spec = {t: v for t, v in module.transform_spec.items() if t not in before}
         if name in WEIGHT_ONLY_GPU:
-            cache[name] = layout.unsupported_reason(module.n, module.k, module.scheme, module.zero_kind,
-                                                    module.transform_spec)
+            cache[name] = layout.unsupported_reason(module.n, module.k, module.scheme, module.zero_kind, spec)
             if name == "triton_gemv1p" and cache[name] is None:
                 cache[name] = _gemv1p_reason(module)
         elif name == "cpu_fused":
-            cache[name] = _fused.unsupported_reason(module.n, module.k, module.scheme, module.transform_spec)
+            cache[name] = _fused.unsupported_reason(module.n, module.k, module.scheme, spec)
         elif name in ("cpu_int8", "cpu_int4"):
-            cache[name] = _cpu.unsupported_reason(name, module.n, module.k, module.scheme, module.transform_spec)
+            cache[name] = _cpu.unsupported_reason(name, module.n, module.k, module.scheme, spec)
         else:
             cache[name] = "W8A8 kernels quantize activations; weight-only QuantLinear does not"
     return cache[name]

@@ -10,7 +10,11 @@ weights in registers.
 Layout (built once per module, cached like the other kernels' operands): the codes of one group of g
 columns are split into P = 8 / bits sub-blocks of h = g / P columns; byte j of a group holds code p * h + j
 at bit p * bits. One byte load then feeds P sub-blocks through plain shifts and no interleaving, and x is
-split into the same sub-blocks. 2, 4 and 8 bits; the group must divide K and be a multiple of P.
+split into the same sub-blocks. Codes of 1 to 8 bits are stored at the next of 2, 4 or 8 bits (3-bit codes
+in nibbles: a third more bytes than bitsmith's 3-bit stream, still 2.7x fewer than int8); the group must
+divide K and be a multiple of P. The layout is a copy beside the module's packed codes (like cpu.py's), so
+a layer's codes are held twice while this kernel is in use. Codebook grids (NF4, FP4) are not run: a
+16-entry lookup per weight compiled to a gather that was slower than fp32 (1536x576: 366 vs 295 us).
 
 Each (M, N, K, G, bits, threads) compiles once (about 1 s here, then Inductor's on-disk cache), through
 `torch._inductor.compile` on a `make_fx` graph, kept in this module's own dict. torch.compile would guard
@@ -32,7 +36,12 @@ import torch
 from ..primitives import group_size_for, symmetric_zero
 from ..recipe import Scheme
 
-BITS = (2, 4, 8)
+STORE_BITS = (2, 4, 8)
+
+
+def store_bits(bits: int) -> int:
+    """The kernel's storage width for `bits`-bit codes: the next of 2, 4, 8."""
+    return next(b for b in STORE_BITS if b >= bits)
 _compiled: dict[tuple, object] = {}
 _lock = threading.Lock()
 _broken: list[str] = []          # why compiling failed once in this process (then the eager math runs)
@@ -59,21 +68,21 @@ def unsupported_reason(n: int, k: int, scheme: Scheme, transform_spec: dict) -> 
         return f"grid {scheme.grid} (integer grids only)"
     if transform_spec:
         return f"transforms {sorted(transform_spec)}"
-    if scheme.bits not in BITS:
-        return f"{scheme.bits}-bit codes (this kernel reads {', '.join(map(str, BITS))} bits)"
-    g = group_size_for(k, scheme.group_size)
-    if k % g or g % (8 // scheme.bits):
-        return f"group size {g} with K={k} (needs a group dividing K, a multiple of {8 // scheme.bits})"
+    if not 1 <= scheme.bits <= 8:
+        return f"{scheme.bits}-bit codes (this kernel reads 1 to 8 bits)"
+    g, per = group_size_for(k, scheme.group_size), 8 // store_bits(scheme.bits)
+    if k % g or g % per:
+        return f"group size {g} with K={k} (needs a group dividing K, a multiple of {per})"
     return None
 
 
 @dataclass(frozen=True)
 class FusedPack:
-    w: torch.Tensor                    # (N, K * bits / 8) uint8 in the sub-block layout above
+    w: torch.Tensor                    # (N, K * bits / 8) uint8 in the sub-block layout above, at `bits`
     scale: torch.Tensor                # (N, G) float32
     zs: torch.Tensor                   # (N, G) float32 zero point x scale (the implicit zero if symmetric)
     perm: torch.Tensor | None          # (K,) long: codes describe W[:, perm]
-    bits: int
+    bits: int                          # the storage width (store_bits of the scheme's)
 
 
 def pack_codes(codes: torch.Tensor, bits: int, g: int) -> torch.Tensor:
@@ -95,7 +104,8 @@ def build(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, p
     s = scale.float().contiguous()
     z = torch.full_like(s, float(symmetric_zero(scheme))) if zero is None else zero.float().contiguous()
     p = None if perm is None else perm.long()
-    return FusedPack(pack_codes(codes, scheme.bits, g), s, (z * s).contiguous(), p, scheme.bits)
+    bits = store_bits(scheme.bits)
+    return FusedPack(pack_codes(codes, bits, g), s, (z * s).contiguous(), p, bits)
 
 
 def fused_math(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, zs: torch.Tensor,

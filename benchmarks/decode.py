@@ -106,7 +106,8 @@ def main() -> None:
     if a.gpu:
         from benchmarks.decode_gpu import gpu      # noqa: PLC0415 - CUDA-only, kept apart
         rows += gpu(variants=a.variants.split(","), kernel_policies=a.kernels.split(","),
-                    models=a.models.split(","), batches=[int(v) for v in a.batches.split(",")], profile=a.profile)
+                    models=a.models.split(","), batches=[int(v) for v in a.batches.split(",")],
+                    profile=a.profile)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     base = {(r["model"], r.get("batch", 1), r.get("variant")): r for r in rows if r.get("policy") == "auto"}

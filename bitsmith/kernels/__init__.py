@@ -13,7 +13,7 @@ kernel), or one kernel name to force where it applies. "auto" on CUDA picks by M
   triton_dequant  Triton dequantize to a dense weight, then cuBLAS: M > 64
   triton_gemv     CUDA-core fused dequant GEMV for several rows of x: only when forced (the GEMM beats it)
 and on the CPU, for M <= CPU_MAX_M, the torch int8/int4 weight-only kernels (cpu.py).
-The rules and launch defaults are the winners of sweeps on an H200 (H100 for the GEMVs; README).
+The rules and launch defaults are the winners of sweeps on an H200 (H100 for gemv and gemv1; README).
 
 Kernel operands (re-laid-out scales, CPU packed weights) are built on first use and cached on the module as
 non-persistent buffers, so checkpoints keep bitsmith's own format; they are rebuilt if the codes change.

@@ -2,7 +2,7 @@
 
 --cpu: SmolLM2-135M on the CPU (default 2 threads), batch 1, greedy decode with the KV cache (bitsmith's
 evaluate.latency: best of 2 runs of 32 tokens after a 64-token prompt): FP32 vs W8 (int8 per-channel,
-symmetric: torch's _weight_int8pack_mm) vs W4 (int4 g64: _weight_int4pack_mm_for_cpu), each quantized
+symmetric) vs W4 (int4 g64), through auto dispatch (cpu_fused where a C++ compiler is found), each quantized
 model also with BITSMITH_KERNELS=reference (dequantize every call, the path before issue 8). --profile adds
 torch.profiler's top operators for one decode step of each model.
 
@@ -106,7 +106,8 @@ def main() -> None:
     if a.gpu:
         from benchmarks.decode_gpu import gpu      # noqa: PLC0415 - CUDA-only, kept apart
         rows += gpu(variants=a.variants.split(","), kernel_policies=a.kernels.split(","),
-                    models=a.models.split(","), batches=[int(v) for v in a.batches.split(",")], profile=a.profile)
+                    models=a.models.split(","), batches=[int(v) for v in a.batches.split(",")],
+                    profile=a.profile)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     base = {(r["model"], r.get("batch", 1), r.get("variant")): r for r in rows if r.get("policy") == "auto"}

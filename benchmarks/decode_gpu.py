@@ -39,7 +39,8 @@ VARIANT_FLAGS = ("plain", "fused", "head", "glue")
 def flags(variant: str) -> set[str]:
     f = set(variant.split("+"))
     if f - set(VARIANT_FLAGS):
-        raise ValueError(f"unknown decode variant part(s) {sorted(f - set(VARIANT_FLAGS))} (parts: {VARIANT_FLAGS})")
+        raise ValueError(f"unknown decode variant part(s) {sorted(f - set(VARIANT_FLAGS))} "
+                         f"(parts: {VARIANT_FLAGS})")
     return f
 
 

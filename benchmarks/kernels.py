@@ -210,7 +210,8 @@ def run_shape(n: int, k: int, ms: list[int], tuned: dict) -> list[dict]:
             timed(r, "torch_int4", [lambda p=p: torch._weight_int4pack_mm(x, p[0], 128, p[1]) for p in t4s])
         r["w4_auto_kernel"] = kernels.select(w4s[0], x) or "reference"
         timed(r, "w4_auto", [lambda mm=mm: mm(x) for mm in w4s])
-        for name in ("triton_gemv1p", "triton_gemv1h", "triton_gemv1", "triton_gemv", "triton_gemm", "triton_dequant"):
+        for name in ("triton_gemv1p", "triton_gemv1h", "triton_gemv1", "triton_gemv", "triton_gemm",
+                     "triton_dequant"):
             if name == "triton_gemv" and m > 64 or name == "triton_dequant" and m < 16 or \
                     name.startswith("triton_gemv1") and m > 1:
                 continue

@@ -147,8 +147,8 @@ GPU_SCHEMES = [Scheme(bits=4, group_size=128), Scheme(bits=4, group_size=32, sym
 
 
 @gpu
-@pytest.mark.parametrize("name", ["triton_gemv1", "triton_gemv1h", "triton_gemv1p", "triton_gemv", "triton_gemm",
-                                  "triton_dequant"])
+@pytest.mark.parametrize("name", ["triton_gemv1", "triton_gemv1h", "triton_gemv1p", "triton_gemv",
+                                  "triton_gemm", "triton_dequant"])
 @pytest.mark.parametrize("scheme", GPU_SCHEMES, ids=lambda s: s.label())
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("k", KS)
@@ -202,9 +202,10 @@ def test_gemv1_split_k_is_deterministic_and_reusable(act_order, bits):
         assert all(int(cnt.abs().sum()) == 0 for _, cnt in pack.scratch.values())
     # the packed-half2 GEMV: the same splits and tiles, 4-word units (K steps of 4..32 words)
     from bitsmith.kernels import triton_gemv_h2
-    for split, block_n, block_w, warps in [(1, 32, 16, 1), (3, 64, 8, 1), (8, 64, 16, 1), (16, 128, 32, 2),
-                                           (5, 128, 4, 4), (2, 256, 16, 8)]:
-        cfg = {"split_k": split, "block_n": block_n, "block_w": block_w, "num_warps": warps}
+    for split, block_n, block_w, warps, pipe in [(1, 32, 16, 1, 0), (3, 64, 8, 1, 0), (8, 64, 16, 1, 0),
+                                                 (16, 128, 32, 2, 0), (5, 128, 4, 4, 0), (2, 256, 16, 8, 0),
+                                                 (3, 64, 16, 1, 3), (8, 64, 32, 1, 4), (1, 32, 16, 1, 3)]:
+        cfg = {"split_k": split, "block_n": block_n, "block_w": block_w, "num_warps": warps, "pipe": pipe}
         y1 = triton_gemv_h2.gemv1p(x, pack, mod.bias.half(), **cfg)
         y2 = triton_gemv_h2.gemv1p(x, pack, mod.bias.half(), **cfg)
         assert_matches(y1, ref)
@@ -227,7 +228,7 @@ def test_gemv1p_keeps_large_and_small_activations(bits, dtype):
                                                    # unscaled) with outputs still inside fp16's range
     for mag in (big, 1e-5, 1.0):
         x = torch.randn(1, 4096, device="cuda") * mag
-        x[0, ::97] *= 40 if dtype == torch.bfloat16 else 1          # outliers (bf16 only: fp16 would overflow)
+        x[0, ::97] *= 40 if dtype == torch.bfloat16 else 1     # outliers (bf16 only: fp16 would overflow)
         x = x.to(dtype)
         y = triton_gemv_h2.gemv1p(x, pack, None)
         assert_matches(y, reference.weight_only_linear(x.float(), qw, None))
@@ -251,8 +252,14 @@ def test_weight_only_choice_follows_the_measured_crossovers():
     assert kernels.weight_only_choice(1, 4096, 4096, bits=8) == "triton_gemv1p"
     # gemv1p: 64 rows x 32-word steps split to >= 768 programs; 32 x 16 where that cannot reach them
     assert kernels.gemv1p_config(28672, 8192) == {"block_n": 64, "block_w": 32, "split_k": 2, "num_warps": 1}
-    assert kernels.gemv1p_config(8192, 28672)["split_k"] == 8 and kernels.gemv1p_config(128256, 4096)["split_k"] == 1
+    assert kernels.gemv1p_config(8192, 28672)["split_k"] == 8
+    assert kernels.gemv1p_config(128256, 4096)["split_k"] == 1
     assert kernels.gemv1p_config(4096, 4096) == {"block_n": 32, "block_w": 16, "split_k": 8, "num_warps": 1}
+    # short 32-word splits at 4 bits: 16-word steps through the cp.async pipeline instead
+    assert kernels.gemv1p_config(14336, 4096) == {"block_n": 64, "block_w": 16, "split_k": 4, "num_warps": 1,
+                                                  "pipe": 3}
+    assert kernels.gemv1p_config(14336, 4096, 8) == {"block_n": 64, "block_w": 32, "split_k": 4,
+                                                     "num_warps": 1}
     assert kernels.weight_only_choice(4, 4096, 14336) == "triton_gemm"
     assert kernels.weight_only_choice(64, 4096, 4096) == "triton_gemm"
     assert kernels.weight_only_choice(256, 4096, 4096) == "triton_dequant"
@@ -303,8 +310,8 @@ def test_w8a8_kernels_match_reference(name, k):
     else:
         ws = w.abs().amax(1) / 127
         w8 = torch.round(w / ws[:, None]).clamp(-127, 127).to(torch.int8)
-        fn = {"int8_fused": partial(w8a8.int8_fused, tma=False), "int8_tma": partial(w8a8.int8_fused, tma=True),
-              "int8_intmm": w8a8.int8_intmm}[name]
+        fn = {"int8_fused": partial(w8a8.int8_fused, tma=False),
+              "int8_tma": partial(w8a8.int8_fused, tma=True), "int8_intmm": w8a8.int8_intmm}[name]
         ref_fn = reference.w8a8_linear
     for m in MS:
         if name == "int8_intmm" and m <= 16:

@@ -14,7 +14,7 @@ kernel), or one kernel name to force where it applies. "auto" on CUDA picks by M
   triton_gemv     CUDA-core fused dequant GEMV for several rows of x: only when forced (the GEMM beats it)
 and on the CPU, for M <= CPU_MAX_M, the fused dequantize-GEMV that Inductor compiles (cpu_fused.py; needs
 a C++ compiler), else torch's int8/int4 weight-only kernels (cpu.py).
-The rules and launch defaults are the winners of sweeps on an H200 (H100 for the GEMVs; README).
+The rules and launch defaults are the winners of sweeps on an H200 (H100 for gemv and gemv1; README).
 
 Inside a user's torch.compile, `select` returns None: the compiler traces the plain dequantize + linear
 (whole graph) and fuses it itself, instead of meeting cached-operand mutation or a compile within its compile.
@@ -67,7 +67,8 @@ KERNELS = {k.name: k for k in (
     Kernel("w8a8_intmm", "cuda", "W8A8 int8 via torch._int_mm + Triton epilogue"),
     Kernel("w8a8_fp8", "cuda", "W8A8 FP8 e4m3 via torch._scaled_mm (Hopper+)"),
 )}
-WEIGHT_ONLY_GPU = ("triton_gemv1", "triton_gemv1h", "triton_gemv1p", "triton_gemv", "triton_gemm", "triton_dequant")
+WEIGHT_ONLY_GPU = ("triton_gemv1", "triton_gemv1h", "triton_gemv1p", "triton_gemv", "triton_gemm",
+                   "triton_dequant")
 M1_KERNELS = ("triton_gemv1", "triton_gemv1h", "triton_gemv1p")      # take one row of x
 
 
@@ -351,21 +352,34 @@ def gemv1h_config(n: int, k: int, bits: int = 4) -> dict:
 
 
 def gemv1p_config(n: int, k: int, bits: int = 4) -> dict:
-    """Launch of triton_gemv_h2.gemv1p, the H200 sweep's winners as a rule (sweep-m1-all-p.json): 64 rows on
-    one warp (8 rows per thread share the x conversion), 32 words per K step (two g128 groups at 4 bits),
-    K split in powers of two until >= 768 programs while each split keeps >= 2 steps; where that cannot
-    reach 768 programs (small N and K), 32 rows and 16-word steps, split the same way (at most 16).
-    (TUNED winners override it.)"""
+    """Launch of triton_gemv_h2.gemv1p, the H200 sweeps' winners as a rule (sweep-m1-all-p.json,
+    sweep-m1-all-pipe.json): 64 rows on one warp (8 rows per thread share the x conversion), 32 words per K
+    step (two g128 groups at 4 bits), the next step's words in registers, K split in powers of two until
+    >= 768 programs while each split keeps >= 2 steps. At 4 bits, where those splits are short (< 8 steps:
+    the 4096-deep and 4096-wide mid shapes), 16-word steps through Triton's 3-stage cp.async pipeline
+    instead (123 vs 255 registers: twice the warps per SM; 10-13% faster there, slower on the long
+    streams), split to >= 768 programs keeping >= 4 steps. Where 64 rows cannot reach 768 programs (small N
+    and K): 32 rows and 16-word steps, split the same way (at most 16). (TUNED winners override it.)"""
     if ("triton_gemv1p", n, k, 1) in TUNED:
         return TUNED["triton_gemv1p", n, k, 1]
-    words = k * bits // 32
-    for block_n, block_w in ((64, 32), (32, 16)):
+
+    def split_for(block_n: int, block_w: int, min_steps: int) -> tuple[int, int, int]:
         progs, steps, split = -(-n // block_n), max(1, words // block_w), 1
-        while split < 16 and progs * split < 768 and steps // (2 * split) >= 2:
+        while split < 16 and progs * split < 768 and steps // (2 * split) >= min_steps:
             split *= 2
-        if progs * split >= 768:
-            break
-    return {"block_n": block_n, "block_w": block_w, "split_k": split, "num_warps": 1}
+        return split, progs * split, steps // split
+
+    words = k * bits // 32
+    split, progs, per = split_for(64, 32, 2)
+    if progs >= 768:
+        if bits == 4 and per < 8:
+            split, progs, _ = split_for(64, 16, 4)
+            if progs >= 768:
+                return {"block_n": 64, "block_w": 16, "split_k": split, "num_warps": 1, "pipe": 3}
+            split, _, _ = split_for(64, 32, 2)
+        return {"block_n": 64, "block_w": 32, "split_k": split, "num_warps": 1}
+    split, _, _ = split_for(32, 16, 2)
+    return {"block_n": 32, "block_w": 16, "split_k": split, "num_warps": 1}
 
 
 def gemm_config(m: int, n: int, k: int, bits: int = 4) -> dict:

@@ -33,7 +33,8 @@ U = 4                       # words per unit: one fp16 partial sum, one x scale
 
 def _xprep_ptx(bits: int, fp16: bool) -> str:
     """PTX: a unit's raw x (U * CPW / 2 int32 = pairs of 16-bit x, in memory order) -> its half2 operand pairs
-    (word j, pair i) = (x[CPW j + i], x[CPW j + i + CPW / 2]) scaled by 2^e, and 2^-e as fp32 (last output)."""
+    (word j, pair i) = (x[CPW j + i], x[CPW j + i + CPW / 2]) scaled by 2^e, and 2^-e as fp32 (last
+    output)."""
     cpw = 32 // bits
     half = cpw // 2
     n_raw = U * cpw // 2
@@ -47,12 +48,14 @@ def _xprep_ptx(bits: int, fp16: bool) -> str:
     lines += [f"{mx} m, m, a{i};" for i in range(2, n_raw)]
     lines += ["shr.u32 t, m, 16;", "and.b32 e, m, 0xFFFF;", "max.u32 e, e, t;"]
     if fp16:          # fp16 exponent field: bits 10-14, bias 15; scale 2^(ff - 15), ff in [1, 29]
-        lines += ["shr.u32 e, e, 10;", f"sub.s32 ff, {xe + 29}, e;", "max.s32 ff, ff, 1;", "min.s32 ff, ff, 29;",
+        lines += ["shr.u32 e, e, 10;", f"sub.s32 ff, {xe + 29}, e;", "max.s32 ff, ff, 1;",
+                  "min.s32 ff, ff, 29;",
                   "shl.b32 t, ff, 10;", "shl.b32 sc, ff, 26;", "or.b32 sc, sc, t;",
                   "sub.s32 t, 142, ff;", f"shl.b32 ${n_out}, t, 23;"]
         lines += [f"mul.rn.f16x2 v{i}, {r[i]}, sc;" for i in range(n_raw)]
     else:             # bf16 (= fp32) exponent field: bits 7-14, bias 127; scale 2^(ff - 127), ff in [1, 253]
-        lines += ["shr.u32 e, e, 7;", f"sub.s32 ff, {xe + 253}, e;", "max.s32 ff, ff, 1;", "min.s32 ff, ff, 253;",
+        lines += ["shr.u32 e, e, 7;", f"sub.s32 ff, {xe + 253}, e;", "max.s32 ff, ff, 1;",
+                  "min.s32 ff, ff, 253;",
                   "shl.b32 t, ff, 7;", "shl.b32 sc, ff, 23;", "or.b32 sc, sc, t;",
                   "sub.s32 t, 254, ff;", f"shl.b32 ${n_out}, t, 23;"]
         lines += [f"mul.rn.bf16x2 v{i}, {r[i]}, sc;" for i in range(n_raw)]
@@ -88,7 +91,8 @@ def _dot_ptx(bits: int) -> str:
         if bits == 4:     # t0 = codes (0, 4), t1 = (1, 5), t2 = (2, 6), t3 = (3, 7)
             lines += [f"lop3.b32 t0, {w}, 0x000F000F, 0x64006400, 0xEA;",
                       f"lop3.b32 t1, {w}, 0x00F000F0, 0x54005400, 0xEA;", f"shr.u32 u, {w}, 8;",
-                      "lop3.b32 t2, u, 0x000F000F, 0x64006400, 0xEA;", "lop3.b32 t3, u, 0x00F000F0, 0x54005400, 0xEA;",
+                      "lop3.b32 t2, u, 0x000F000F, 0x64006400, 0xEA;",
+                      "lop3.b32 t3, u, 0x00F000F0, 0x54005400, 0xEA;",
                       f"sub.f16x2 t0, t0, {za};", f"sub.f16x2 t1, t1, {zb};", f"sub.f16x2 t2, t2, {za};",
                       f"sub.f16x2 t3, t3, {zb};"]
         else:             # t0 = codes (0, 2), t1 = (1, 3)
@@ -116,7 +120,8 @@ _C_XP4 = tl.constexpr("=r," * 17 + ",".join(["r"] * 16))      # inline-asm const
 _C_XP8 = tl.constexpr("=r," * 9 + ",".join(["r"] * 8))
 _C_DOT4 = tl.constexpr("=r," + ",".join(["r"] * 22))
 _C_DOT8 = tl.constexpr("=r," + ",".join(["r"] * 13))
-_ZPK = tl.constexpr("{\n.reg .f32 t;\n.reg .b16 h;\nadd.f32 t, $1, $2;\ncvt.rn.f16.f32 h, t;\nmov.b32 $0, {h, h};\n}")
+_ZPK = tl.constexpr("{\n.reg .f32 t;\n.reg .b16 h;\nadd.f32 t, $1, $2;\ncvt.rn.f16.f32 h, t;\n"
+                    "mov.b32 $0, {h, h};\n}")
 
 
 @triton.jit
@@ -131,18 +136,20 @@ def _raw(b, r: tl.constexpr, umask, EVEN: tl.constexpr):
 def _xprep(b, umask, BITS: tl.constexpr, FP16: tl.constexpr, EVEN: tl.constexpr):
     """The unit's half2 x pairs (tuple, word-major) and 2^-e (last): see _xprep_ptx."""
     if BITS == 4:
-        raw = (_raw(b, 0, umask, EVEN), _raw(b, 1, umask, EVEN), _raw(b, 2, umask, EVEN), _raw(b, 3, umask, EVEN),
-               _raw(b, 4, umask, EVEN), _raw(b, 5, umask, EVEN), _raw(b, 6, umask, EVEN), _raw(b, 7, umask, EVEN),
-               _raw(b, 8, umask, EVEN), _raw(b, 9, umask, EVEN), _raw(b, 10, umask, EVEN), _raw(b, 11, umask, EVEN),
+        raw = (_raw(b, 0, umask, EVEN), _raw(b, 1, umask, EVEN), _raw(b, 2, umask, EVEN),
+               _raw(b, 3, umask, EVEN), _raw(b, 4, umask, EVEN), _raw(b, 5, umask, EVEN),
+               _raw(b, 6, umask, EVEN), _raw(b, 7, umask, EVEN), _raw(b, 8, umask, EVEN),
+               _raw(b, 9, umask, EVEN), _raw(b, 10, umask, EVEN), _raw(b, 11, umask, EVEN),
                _raw(b, 12, umask, EVEN), _raw(b, 13, umask, EVEN), _raw(b, 14, umask, EVEN),
                _raw(b, 15, umask, EVEN))
-        return tl.inline_asm_elementwise(_XP4H if FP16 else _XP4B, _C_XP4, raw, dtype=(tl.int32,) * 16 + (tl.float32,),
-                                         is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_XP4H if FP16 else _XP4B, _C_XP4, raw,
+                                         dtype=(tl.int32,) * 16 + (tl.float32,), is_pure=True, pack=1)
     else:
-        raw = (_raw(b, 0, umask, EVEN), _raw(b, 1, umask, EVEN), _raw(b, 2, umask, EVEN), _raw(b, 3, umask, EVEN),
-               _raw(b, 4, umask, EVEN), _raw(b, 5, umask, EVEN), _raw(b, 6, umask, EVEN), _raw(b, 7, umask, EVEN))
-        return tl.inline_asm_elementwise(_XP8H if FP16 else _XP8B, _C_XP8, raw, dtype=(tl.int32,) * 8 + (tl.float32,),
-                                         is_pure=True, pack=1)
+        raw = (_raw(b, 0, umask, EVEN), _raw(b, 1, umask, EVEN), _raw(b, 2, umask, EVEN),
+               _raw(b, 3, umask, EVEN), _raw(b, 4, umask, EVEN), _raw(b, 5, umask, EVEN),
+               _raw(b, 6, umask, EVEN), _raw(b, 7, umask, EVEN))
+        return tl.inline_asm_elementwise(_XP8H if FP16 else _XP8B, _C_XP8, raw,
+                                         dtype=(tl.int32,) * 8 + (tl.float32,), is_pure=True, pack=1)
 
 
 @triton.jit
@@ -161,10 +168,12 @@ def _zpk(z, off: tl.constexpr):
 @triton.jit
 def _wq_gemv1p_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, BITS: tl.constexpr, GS: tl.constexpr,
                       HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr, FP16: tl.constexpr):
+                      BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr, FP16: tl.constexpr,
+                      PIPE: tl.constexpr = 0):
     """Program (pid_n, pid_k) owns BLOCK_N rows and a contiguous run of K steps of BLOCK_W words, as
     triton_wq._wq_gemv1m_kernel (flat tile, next step's words in flight, split K reduced by the last program
-    of a row block). Each step is BLOCK_W / U units of U words; per unit and row one fp16 partial sum."""
+    of a row block). Each step is BLOCK_W / U units of U words; per unit and row one fp16 partial sum.
+    PIPE > 0: no register prefetch; Triton pipelines the step loads PIPE deep through shared memory."""
     CPW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GS // CPW
     NU: tl.constexpr = BLOCK_W // 4
@@ -172,8 +181,12 @@ def _wq_gemv1p_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, BITS: tl.constexpr,
     ru = tl.arange(0, NU)
     xw = X.to(tl.pointer_type(tl.int32), bitcast=True)                      # x as pairs of 16-bit values
     acc = tl.zeros((BLOCK_N, NU), dtype=tl.float32)
-    for t in range(t0, t1):
-        wn = _m1_words(rows, tl.minimum(t + 1, t1 - 1) * BLOCK_W + rw, nmask, wpr, EVEN)   # next step, in flight
+    for t in tl.range(t0, t1, num_stages=PIPE if PIPE > 0 else None):
+        if PIPE > 0:          # Triton's software pipeline (cp.async through shared memory) instead
+            w = _m1_words(rows, t * BLOCK_W + rw, nmask, wpr, EVEN)
+            wn = w
+        else:
+            wn = _m1_words(rows, tl.minimum(t + 1, t1 - 1) * BLOCK_W + rw, nmask, wpr, EVEN)   # next step
         uw = t * BLOCK_W + ru * 4                                             # first word of each unit
         umask = uw < wpr
         xp = _xprep(xw + uw * (CPW // 2), umask, BITS, FP16, EVEN)
@@ -193,23 +206,24 @@ def _wq_gemv1p_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, BITS: tl.constexpr,
             else:
                 z = tl.full((BLOCK_N, NU), 1 << (BITS - 1), tl.float32)
         z = tl.broadcast_to(z, (BLOCK_N, NU))
-        c0, c1 = tl.split(tl.reshape(w, (BLOCK_N, NU, 2, 2)))               # word 4u + 2a + b: split b, then a
+        c0, c1 = tl.split(tl.reshape(w, (BLOCK_N, NU, 2, 2)))       # word 4u + 2a + b: split b, then a
         w0, w2 = tl.split(c0)
         w1, w3 = tl.split(c1)
         if BITS == 4:
             part = tl.inline_asm_elementwise(
                 _DOT4, _C_DOT4,
-                (w0, w1, w2, w3, _zpk(z, 1024.0), _zpk(z, 64.0), _bx(xp[0], w0), _bx(xp[1], w0), _bx(xp[2], w0),
-                 _bx(xp[3], w0), _bx(xp[4], w0), _bx(xp[5], w0), _bx(xp[6], w0), _bx(xp[7], w0), _bx(xp[8], w0),
-                 _bx(xp[9], w0), _bx(xp[10], w0), _bx(xp[11], w0), _bx(xp[12], w0), _bx(xp[13], w0),
-                 _bx(xp[14], w0), _bx(xp[15], w0)), dtype=tl.float32, is_pure=True, pack=1)
+                (w0, w1, w2, w3, _zpk(z, 1024.0), _zpk(z, 64.0), _bx(xp[0], w0), _bx(xp[1], w0),
+                 _bx(xp[2], w0), _bx(xp[3], w0), _bx(xp[4], w0), _bx(xp[5], w0), _bx(xp[6], w0),
+                 _bx(xp[7], w0), _bx(xp[8], w0), _bx(xp[9], w0), _bx(xp[10], w0), _bx(xp[11], w0),
+                 _bx(xp[12], w0), _bx(xp[13], w0), _bx(xp[14], w0), _bx(xp[15], w0)), dtype=tl.float32,
+                is_pure=True, pack=1)
             finv = xp[16]
         else:
             part = tl.inline_asm_elementwise(
                 _DOT8, _C_DOT8,
-                (w0, w1, w2, w3, _zpk(z, 1024.0), _bx(xp[0], w0), _bx(xp[1], w0), _bx(xp[2], w0), _bx(xp[3], w0),
-                 _bx(xp[4], w0), _bx(xp[5], w0), _bx(xp[6], w0), _bx(xp[7], w0)), dtype=tl.float32, is_pure=True,
-                pack=1)
+                (w0, w1, w2, w3, _zpk(z, 1024.0), _bx(xp[0], w0), _bx(xp[1], w0), _bx(xp[2], w0),
+                 _bx(xp[3], w0), _bx(xp[4], w0), _bx(xp[5], w0), _bx(xp[6], w0), _bx(xp[7], w0)),
+                dtype=tl.float32, is_pure=True, pack=1)
             finv = xp[8]
         acc += part * (s * finv[None, :])
         w = wn
@@ -230,9 +244,11 @@ def unsupported(p: WQPack) -> str | None:
 
 
 def gemv1p(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block_n: int = 64,
-           block_w: int | None = None, split_k: int = 1, num_warps: int = 1) -> torch.Tensor:
+           block_w: int | None = None, split_k: int = 1, num_warps: int = 1, pipe: int = 0) -> torch.Tensor:
     """M = 1 only; x in stored column order (permuted only under act-order). block_w: words per K step, a
-    multiple of 4 (default: one g128 group, 16 words at 4 bits, 32 at 8)."""
+    multiple of 4 (default: one g128 group, 16 words at 4 bits, 32 at 8). pipe: 0 = the next step's words
+    loaded into registers ahead (255 registers at 64 x 32); n > 0 = Triton's n-stage cp.async pipeline
+    through shared memory (123 registers at 64 x 32, 3 stages: twice the warps per SM)."""
     why = unsupported(p)
     if why is not None:
         raise ValueError(f"gemv1p: {why}")
@@ -252,5 +268,5 @@ def gemv1p(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, blo
     _wq_gemv1p_kernel[(n_blocks, split_k)](x, p.qw, p.scale, zero, b, y, ws, cnt, p.n, p.k, wpr, BITS=p.bits,
                                            GS=p.group, HAS_ZERO=p.zero is not None, HAS_BIAS=bias is not None,
                                            BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k, EVEN=even,
-                                           FP16=x2.dtype == torch.float16, num_warps=num_warps)
+                                           FP16=x2.dtype == torch.float16, PIPE=pipe, num_warps=num_warps)
     return y

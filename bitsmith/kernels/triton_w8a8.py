@@ -127,8 +127,8 @@ def _scale_epilogue_kernel(ACC, SA, SB, BIAS, Y, M, N, HAS_BIAS: tl.constexpr, B
 
 def int8_fused(x2: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
                block_m: int | None = None, block_n: int | None = None, block_k: int = 128, group_m: int = 8,
-               num_warps: int = 8, num_stages: int | None = None, tma: bool | None = None, persistent: int = 0,
-               flatten: bool = False) -> torch.Tensor:
+               num_warps: int = 8, num_stages: int | None = None, tma: bool | None = None,
+               persistent: int = 0, flatten: bool = False) -> torch.Tensor:
     """`tma`: the bulk-copy kernel (_int8_gemm_tma_kernel), on `persistent` programs (0: one per tile).
     Defaults: M >= 1024 (K % 16 == 0): TMA, 128x256x128 tiles, 4 stages, one program per tile - the H200
     sweep's winner at M = 2048 on both large shapes (764 / 771 us against 833 / 946 for the cp.async

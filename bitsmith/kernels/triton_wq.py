@@ -343,7 +343,7 @@ def _wq_gemv1m_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, BITS: tl.constexpr,
     for t in range(t0, t1):
         word = t * BLOCK_W + rw
         wmask = word < wpr
-        wn = _m1_words(rows, tl.minimum(t + 1, t1 - 1) * BLOCK_W + rw, nmask, wpr, EVEN)   # next step, in flight
+        wn = _m1_words(rows, tl.minimum(t + 1, t1 - 1) * BLOCK_W + rw, nmask, wpr, EVEN)   # next step, ahead
         s, z = _step_scales(S, Z, t, word, wmask, rn, nmask, N, BITS, HAS_ZERO, BLOCK_N, BLOCK_W, WPG, EVEN)
         xs = _x8(X, word, wmask, CPW, EVEN)
         c = _dqf(w, BITS)

@@ -2,10 +2,11 @@
 """M = 1 launch sweep for the dispatch rule: the five issue shapes plus the Llama-3-8B decode shapes (k/v
 1024x4096, fused q/k/v 6144x4096, fused gate/up 28672x4096, lm_head 128256x4096), 4 and 8 bits: bf16 vs
 gemv1 at its rule vs gemv1h over launch configs (its default first); with `p`, gemv1h at its default and
-the packed-half2 gemv1p (triton_gemv_h2) over launch configs instead. Every timed config is first checked
+the packed-half2 gemv1p (triton_gemv_h2) over launch configs instead; `pipe`: gemv1p's rule against its
+cp.async-pipelined variant. Every timed config is first checked
 against a float32 dequantized matmul (relative error < 1e-2). Writes $OUT/sweep-m1-all.json (-p.json).
 
-    python benchmarks/results/kernels-h200/sweep_m1_all.py [budget_s_per_cell] [h|p]
+    python benchmarks/results/kernels-h200/sweep_m1_all.py [budget_s_per_cell] [h|p|pipe]
 """
 import json
 import os
@@ -30,7 +31,21 @@ SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 2867
 budget = float(sys.argv[1]) if len(sys.argv) > 1 else 8.0
 KIND = sys.argv[2] if len(sys.argv) > 2 else "h"
 res = {"dev": torch.cuda.get_device_name(), "kind": KIND, "cells": []}
-OUTFILE = "sweep-m1-all.json" if KIND == "h" else "sweep-m1-all-p.json"
+OUTFILE = {"h": "sweep-m1-all.json", "p": "sweep-m1-all-p.json", "pipe": "sweep-m1-all-pipe.json"}[KIND]
+
+
+def configs_pipe(n, k, bits):
+    """gemv1p's rule, then Triton's cp.async pipeline (pipe = stages) at several tiles and splits."""
+    base = kernels.gemv1p_config(n, k, bits)
+    out = [base]
+    for bn, bw, nw, pipe in ((64, 32, 1, 3), (64, 16, 1, 4), (32, 16, 1, 4), (64, 32, 1, 4), (128, 32, 2, 3),
+                             (64, 16, 1, 3)):
+        for f in (1, 2):
+            sk = max(1, min(16, int(base["split_k"] * f)))
+            c = {"block_n": bn, "block_w": bw, "split_k": sk, "num_warps": nw, "pipe": pipe}
+            if c not in out and -(-n // bn) >= 8 and k * bits // 32 // bw // sk >= 2:
+                out.append(c)
+    return out
 
 
 def configs_p(n, k, bits):
@@ -71,10 +86,12 @@ for n, k in SHAPES:
         c1 = kernels.gemv1_config(n, k, bits)
         cell["gemv1"] = KB.bench([lambda q=q: T.gemv1(x, q, None, **c1) for q in P])
         cell["gemv1_err"] = float((T.gemv1(x, P[0], None, **c1).float() - ref).norm() / ref.norm())
-        if KIND == "p":
+        if KIND in ("p", "pipe"):
             ch = kernels.gemv1h_config(n, k, bits)
             cell["gemv1h"] = KB.bench([lambda q=q: T.gemv1h(x, q, None, **ch) for q in P])
-        fn, cfgs = (T.gemv1h, configs(n, k, bits)) if KIND == "h" else (H2.gemv1p, configs_p(n, k, bits))
+        fn, cfgs = {"h": (T.gemv1h, configs), "p": (H2.gemv1p, configs_p),
+                    "pipe": (H2.gemv1p, configs_pipe)}[KIND]
+        cfgs = cfgs(n, k, bits)
         t0, best = time.time(), None
         for i, cfg in enumerate(cfgs):
             if time.time() - t0 > budget and i > 0:

@@ -170,6 +170,27 @@ def test_triton_weight_only_kernels_match_reference(name, scheme, act_order, k, 
 
 
 @gpu
+@pytest.mark.parametrize("m", [1, 17, 96])
+def test_awq_input_scaled_layers_take_the_gpu_kernels(m):
+    """AWQ's run-time input scale: the module scales x itself (BEFORE_KERNEL), then dispatch runs the codes
+    as an ordinary weight; act-order on top."""
+    from bitsmith.nn import InputScaledLinear
+    from bitsmith.primitives import QWeight
+
+    _, qw = make_layer(1536, Scheme(bits=4, group_size=128), act_order=True, seed=9)
+    g = torch.Generator().manual_seed(9)
+    qw = QWeight(qw.codes, qw.scale, qw.zero, qw.scheme, qw.perm,
+                 {"input_scale": torch.rand(1536, generator=g) + 0.5})
+    mod = QuantLinear.from_qweight(qw, torch.randn(N, generator=g))
+    assert isinstance(mod, InputScaledLinear)
+    x = torch.randn(m, 1536, generator=g)
+    ref = reference.weight_only_linear(x, qw, mod.bias)
+    mod, xc = mod.cuda(), x.cuda().to(torch.float16)
+    assert kernels.select(mod, xc * mod.input_scale.half()) is not None
+    assert_matches(mod(xc).cpu(), ref)
+
+
+@gpu
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gemv1_split_k_is_deterministic_and_reusable(act_order, bits):

@@ -66,6 +66,7 @@ def test_refuses_what_it_cannot_run():
     assert cpu_fused.unsupported_reason(8, 576, Scheme(bits=4, group_size=64), {}) is None
 
 
+@needs_inductor
 def test_a_failed_compile_falls_back_to_the_same_numbers(monkeypatch):
     """A broken tool chain must cost speed, never the forward: the eager math runs, one warning says why,
     and dispatch stops picking the kernel."""
@@ -118,3 +119,13 @@ def test_awq_input_scaled_layers_run_the_kernel_on_x_over_s():
         assert_matches(mod(x), reference.weight_only_linear(x, qw, mod.bias))
     finally:
         kernels.set_policy(None)
+
+
+def test_without_a_compiler_the_forced_kernel_runs_the_eager_math(monkeypatch):
+    monkeypatch.setattr(cpu_fused, "_compiled", {})
+    monkeypatch.setattr(cpu_fused, "missing", lambda: "no C++ compiler (test)")
+    mod, qw = make_layer(576, Scheme(bits=4, group_size=64), act_order=True)
+    x = torch.randn(2, 576)
+    assert kernels.select(mod, x) != "cpu_fused" and "no C++ compiler" in kernels.available()["cpu_fused"]
+    assert_matches(kernels.run(mod, x, "cpu_fused"), reference.weight_only_linear(x, qw, mod.bias))
+    assert not cpu_fused._compiled

@@ -144,7 +144,7 @@ def fused_math(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, zs: torch.Tens
 def _kernel(x: torch.Tensor, pack: FusedPack):
     key = (tuple(x.shape), tuple(pack.w.shape), tuple(pack.scale.shape), pack.bits, torch.get_num_threads())
     fn = _compiled.get(key)
-    if fn is None and not _broken:
+    if fn is None and usable() is None:          # no compiler (or a failed compile): the eager math
         with _lock:
             fn = _compiled.get(key)
             if fn is None:

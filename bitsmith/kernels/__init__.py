@@ -333,11 +333,11 @@ def gemv1_config(n: int, k: int, bits: int = 4) -> dict:
 
 
 def gemv1h_config(n: int, k: int, bits: int = 4) -> dict:
-    """Launch of triton_wq.gemv1h (only when forced: dispatch takes gemv1p at M = 1; README). 4 bits: 64
-    rows per program on one warp (8 rows per thread; the winner of the H200 sweep, sweep-m1.json, where a one-warp program also skips
-    the cross-warp barriers of the scale loads), K split in powers of two until >= 1024 programs; 8 bits: 128
-    rows over 4 warps, >= 264 programs (2 per SM). Each split keeps >= 4 K steps; fewer rows when N is
-    small. (TUNED winners override it.)"""
+    """Launch of triton_wq.gemv1h (only when forced: dispatch takes gemv1p at M = 1; README). 4 bits: 64 rows
+    per program on one warp (8 rows per thread; the winner of the H200 sweep, sweep-m1.json, where a one-warp
+    program also skips the cross-warp barriers of the scale loads), K split in powers of two until >= 1024
+    programs; 8 bits: 128 rows over 4 warps, >= 264 programs (2 per SM). Each split keeps >= 4 K steps; fewer
+    rows when N is small. (TUNED winners override it.)"""
     if ("triton_gemv1h", n, k, 1) in TUNED:
         return TUNED["triton_gemv1h", n, k, 1]
     block_n, warps, target = (64, 1, 1024) if bits == 4 else (128, 4, 264)

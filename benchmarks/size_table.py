@@ -48,7 +48,7 @@ def main() -> None:
         rows = evaluate_configs(lm, CONFIGS, text, seq_len=a.seq_len, max_tokens=a.max_tokens, progress=True,
                                 save_root=tmp)
     base = rows[0]
-    print(f"| precision | file MB | vs FP32 file | memory MB | bits/weight | ppl | dPPL |")
+    print("| precision | file MB | vs FP32 file | memory MB | bits/weight | ppl | dPPL |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['file_bytes'] / 1e6:.1f} | {100 * r['file_bytes'] / base['file_bytes']:.1f}% "

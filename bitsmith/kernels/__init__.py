@@ -146,14 +146,8 @@ def _layer_reason(module, name: str) -> str | None:
 
 def _gemv1p_reason(module) -> str | None:
     """triton_gemv_h2.unsupported, from the module's format (without building its operands)."""
-    words = module.k * module.scheme.bits // 32
-    if module.zero_kind not in ("none", "packed"):
-        return "fractional zero points (1024 + z must be exact in fp16)"
-    if words % 4:
-        return f"K={module.k} does not fill whole 4-word units"
-    if layout.kernel_group(module.k, module.scheme) * module.scheme.bits // 32 < 4:
-        return "groups narrower than a 4-word unit"
-    return None
+    return layout.gemv1p_reason(module.k, module.scheme.bits, layout.kernel_group(module.k, module.scheme),
+                                module.zero_kind in ("none", "packed"))
 
 
 def explain(module, x: torch.Tensor) -> dict[str, str]:

@@ -60,6 +60,23 @@ def unsupported_reason(n: int, k: int, scheme: Scheme, zero_kind: str, transform
     return None
 
 
+HALF2_UNIT = 4                   # words per unit of the packed-half2 GEMV: one fp16 partial sum, one x scale
+
+
+def gemv1p_reason(k: int, bits: int, group: int, int_zero: bool) -> str | None:
+    """Why the packed-half2 GEMV (triton_gemv_h2) cannot run a layer of K codes at `bits` with kernel
+    groups of `group` codes (None when it can). Here, without triton, so that dispatch can ask from the
+    module's format before any operand is built."""
+    cpw = 32 // bits
+    if not int_zero:
+        return "fractional zero points (1024 + z must be exact in fp16)"
+    if (k // cpw) % HALF2_UNIT:
+        return f"K={k} does not fill whole {HALF2_UNIT}-word units"
+    if group // cpw < HALF2_UNIT:
+        return f"groups of {group} codes are narrower than a {HALF2_UNIT}-word unit"
+    return None
+
+
 def kernel_group(k: int, scheme: Scheme) -> int:
     g = group_size_for(k, scheme.group_size)
     common = math.gcd(g, k)

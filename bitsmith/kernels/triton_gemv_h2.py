@@ -25,10 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import WQPack
+from .layout import HALF2_UNIT as U  # words per unit: one fp16 partial sum, one x scale
+from .layout import WQPack, gemv1p_reason
 from .triton_wq import _m1_start, _m1_words, _operands, _scratch, _store_rows
-
-U = 4                       # words per unit: one fp16 partial sum, one x scale
 
 
 def _xprep_ptx(bits: int, fp16: bool) -> str:
@@ -233,14 +232,7 @@ def _wq_gemv1p_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, BITS: tl.constexpr,
 
 def unsupported(p: WQPack) -> str | None:
     """Why gemv1p cannot run this pack (None when it can)."""
-    cpw = 32 // p.bits
-    if not p.int_zero:
-        return "fractional zero points (1024 + z must be exact in fp16)"
-    if (p.k // cpw) % U:
-        return f"K={p.k} does not fill whole {U}-word units"
-    if p.group // cpw < U:
-        return f"groups of {p.group} codes are narrower than a {U}-word unit"
-    return None
+    return gemv1p_reason(p.k, p.bits, p.group, p.int_zero)
 
 
 def gemv1p(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block_n: int = 64,

@@ -42,6 +42,8 @@ STORE_BITS = (2, 4, 8)
 def store_bits(bits: int) -> int:
     """The kernel's storage width for `bits`-bit codes: the next of 2, 4, 8."""
     return next(b for b in STORE_BITS if b >= bits)
+
+
 _compiled: dict[tuple, object] = {}
 _lock = threading.Lock()
 _broken: list[str] = []          # why compiling failed once in this process (then the eager math runs)
@@ -102,7 +104,7 @@ def build(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, p
     """codes (N, K) uint8 unpacked, scale (N, G), zero (N, G) or None (symmetric)."""
     g = group_size_for(k, scheme.group_size)
     s = scale.float().contiguous()
-    z = torch.full_like(s, float(symmetric_zero(scheme))) if zero is None else zero.float().contiguous()
+    z = torch.full_like(s, float(symmetric_zero(scheme))) if zero is None else zero.float()
     p = None if perm is None else perm.long()
     bits = store_bits(scheme.bits)
     return FusedPack(pack_codes(codes, bits, g), s, (z * s).contiguous(), p, bits)

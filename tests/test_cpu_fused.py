@@ -9,9 +9,8 @@ import torch
 
 from bitsmith import kernels
 from bitsmith.kernels import cpu_fused, reference
-from bitsmith.nn import QuantLinear
 from bitsmith.recipe import Scheme
-from .test_kernels import KS, MS, assert_matches, make_layer
+from .test_kernels import KS, MS, assert_matches, make_input_scaled_layer, make_layer
 
 needs_inductor = pytest.mark.skipif(cpu_fused.missing() is not None, reason=str(cpu_fused.missing()))
 FULL = [Scheme(bits=4, group_size=64), Scheme(bits=8, group_size=None, symmetric=True)]
@@ -102,15 +101,7 @@ def test_a_users_torch_compile_traces_the_reference_path():
 def test_awq_input_scaled_layers_run_the_kernel_on_x_over_s():
     """AWQ's run-time input scale (o_proj under GQA): the module scales x itself, then the codes are an
     ordinary weight for the kernel; act-order on top."""
-    from bitsmith.nn import InputScaledLinear
-    from bitsmith.primitives import QWeight
-
-    _, qw = make_layer(576, Scheme(bits=4, group_size=64), act_order=True, seed=7)
-    g = torch.Generator().manual_seed(7)
-    scale = {"input_scale": torch.rand(576, generator=g) + 0.5}
-    qw = QWeight(qw.codes, qw.scale, qw.zero, qw.scheme, qw.perm, scale)
-    mod = QuantLinear.from_qweight(qw, torch.randn(80, generator=g))
-    assert isinstance(mod, InputScaledLinear)
+    mod, qw, g = make_input_scaled_layer(576, Scheme(bits=4, group_size=64), seed=7)
     x = torch.randn(1, 576, generator=g)
     assert kernels.select(mod, x) == "cpu_fused"
     assert_matches(mod(x), reference.weight_only_linear(x, qw, mod.bias))

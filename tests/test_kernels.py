@@ -47,6 +47,21 @@ def make_layer(k: int, scheme: Scheme, act_order: bool, seed: int = 0, n: int = 
     return QuantLinear.from_qweight(qw, b), qw
 
 
+def make_input_scaled_layer(k: int, scheme: Scheme, seed: int):
+    """An AWQ-style layer with a run-time input scale (InputScaledLinear) over act-ordered codes; also
+    returns the generator, which the caller keeps drawing its inputs from."""
+    from bitsmith.nn import InputScaledLinear
+    from bitsmith.primitives import QWeight
+
+    _, qw = make_layer(k, scheme, act_order=True, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    scale = {"input_scale": torch.rand(k, generator=g) + 0.5}
+    qw = QWeight(qw.codes, qw.scale, qw.zero, qw.scheme, qw.perm, scale)
+    mod = QuantLinear.from_qweight(qw, torch.randn(N, generator=g))
+    assert isinstance(mod, InputScaledLinear)
+    return mod, qw, g
+
+
 def gpu_pack(mod: QuantLinear):
     zero = None if mod.zero_kind == "none" else unpack(mod.qzero, mod.scheme.bits, mod.n_groups).float()
     return layout.build(mod.qcodes, mod.scale, zero, getattr(mod, "perm", None), mod.scheme, mod.n, mod.k)
@@ -174,15 +189,7 @@ def test_triton_weight_only_kernels_match_reference(name, scheme, act_order, k, 
 def test_awq_input_scaled_layers_take_the_gpu_kernels(m):
     """AWQ's run-time input scale: the module scales x itself (BEFORE_KERNEL), then dispatch runs the codes
     as an ordinary weight; act-order on top."""
-    from bitsmith.nn import InputScaledLinear
-    from bitsmith.primitives import QWeight
-
-    _, qw = make_layer(1536, Scheme(bits=4, group_size=128), act_order=True, seed=9)
-    g = torch.Generator().manual_seed(9)
-    qw = QWeight(qw.codes, qw.scale, qw.zero, qw.scheme, qw.perm,
-                 {"input_scale": torch.rand(1536, generator=g) + 0.5})
-    mod = QuantLinear.from_qweight(qw, torch.randn(N, generator=g))
-    assert isinstance(mod, InputScaledLinear)
+    mod, qw, g = make_input_scaled_layer(1536, Scheme(bits=4, group_size=128), seed=9)
     x = torch.randn(m, 1536, generator=g)
     ref = reference.weight_only_linear(x, qw, mod.bias)
     mod, xc = mod.cuda(), x.cuda().to(torch.float16)

@@ -230,10 +230,10 @@ def run_shape(n: int, k: int, ms: list[int], tuned: dict) -> list[dict]:
             else:
                 fns = [lambda p=p: triton_wq.dequant_matmul(x, p, None) for p in packs]
             timed(r, f"w4_{name}", fns)
-            if name == "triton_gemm" and 16 < m <= 64:     # the rule's 4 warps vs 8 (README)
-                cfg = {**kernels.gemm_config(m, n, k), "num_warps": 8}
-                timed(r, "w4_triton_gemm_8warps", [lambda p=p, x=x, cfg=cfg: triton_wq.gemm(x, p, None, **cfg)
-                                                   for p in packs])
+            if name == "triton_gemm" and kernels.gemm_config(m, n, k)["tma"] and m <= 256:
+                cfg = {**kernels.gemm_config(m, n, k), "tma": False}   # the same launch on pointer loads
+                timed(r, "w4_triton_gemm_ptr", [lambda p=p, x=x, cfg=cfg: triton_wq.gemm(x, p, None, **cfg)
+                                                for p in packs])
         r["w4_best"] = min([v for kk, v in r.items() if (kk.startswith("w4_triton") or kk == "w4_auto")
                             and isinstance(v, float)] or [math.nan])
         r["w8_auto_kernel"] = kernels.select(w8s[0], x) or "reference"

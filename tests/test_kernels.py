@@ -233,7 +233,16 @@ def test_gemv1_split_k_is_deterministic_and_reusable(act_order, bits):
     for split, block_n, block_w, warps, pipe in [(1, 32, 16, 1, 0), (3, 64, 8, 1, 0), (8, 64, 16, 1, 0),
                                                  (16, 128, 32, 2, 0), (5, 128, 4, 4, 0), (2, 256, 16, 8, 0),
                                                  (3, 64, 16, 1, 3), (8, 64, 32, 1, 4), (1, 32, 16, 1, 3)]:
-        cfg = {"split_k": split, "block_n": block_n, "block_w": block_w, "num_warps": warps, "pipe": pipe}
+        for tma in (False, True) if pipe else (False,):     # the copy engine's word tiles, same pipeline
+            cfg = {"split_k": split, "block_n": block_n, "block_w": block_w, "num_warps": warps, "pipe": pipe,
+                   "tma": tma}
+            y1 = triton_gemv_h2.gemv1p(x, pack, mod.bias.half(), **cfg)
+            y2 = triton_gemv_h2.gemv1p(x, pack, mod.bias.half(), **cfg)
+            assert_matches(y1, ref)
+            assert torch.equal(y1, y2), cfg
+            assert all(int(cnt.abs().sum()) == 0 for _, cnt in pack.scratch.values())
+    for split, block_n, block_w, warps in [(8, 64, 16, 1), (3, 128, 32, 4), (1, 32, 8, 1)]:
+        cfg = {"split_k": split, "block_n": block_n, "block_w": block_w, "num_warps": warps, "pipe": 4, "tma": True}
         y1 = triton_gemv_h2.gemv1p(x, pack, mod.bias.half(), **cfg)
         y2 = triton_gemv_h2.gemv1p(x, pack, mod.bias.half(), **cfg)
         assert_matches(y1, ref)
@@ -279,18 +288,24 @@ def test_weight_only_choice_follows_the_measured_crossovers():
     assert kernels.weight_only_choice(1, 1024, 4096, bits=8) == "triton_gemv1"
     assert kernels.weight_only_choice(1, 4096, 4096, bits=8) == "triton_gemv1p"
     # gemv1p: 64 rows x 32-word steps split to >= 768 programs; 32 x 16 where that cannot reach them
-    assert kernels.gemv1p_config(28672, 8192) == {"block_n": 64, "block_w": 32, "split_k": 2, "num_warps": 1}
-    assert kernels.gemv1p_config(8192, 28672)["split_k"] == 8
-    assert kernels.gemv1p_config(128256, 4096)["split_k"] == 1
-    assert kernels.gemv1p_config(4096, 4096) == {"block_n": 32, "block_w": 16, "split_k": 8, "num_warps": 1}
-    # short 32-word splits at 4 bits: 16-word steps through the cp.async pipeline instead
-    assert kernels.gemv1p_config(14336, 4096) == {"block_n": 64, "block_w": 16, "split_k": 4, "num_warps": 1,
-                                                  "pipe": 3}
+    # 8 bits: 64 rows x 32-word steps split to >= 768 programs; 32 x 16 where that cannot reach them
+    assert kernels.gemv1p_config(28672, 8192, 8) == {"block_n": 64, "block_w": 32, "split_k": 2, "num_warps": 1}
     assert kernels.gemv1p_config(14336, 4096, 8) == {"block_n": 64, "block_w": 32, "split_k": 4,
                                                      "num_warps": 1}
+    assert kernels.gemv1p_config(1024, 4096, 8) == {"block_n": 32, "block_w": 16, "split_k": 16, "num_warps": 1}
+    # 4 bits: 16-word steps through the copy engine, split to >= 768 programs, from 512 programs up
+    tma = {"block_n": 64, "block_w": 16, "num_warps": 1, "pipe": 3, "tma": True}
+    assert kernels.gemv1p_config(28672, 8192) == {**tma, "split_k": 2}
+    assert kernels.gemv1p_config(8192, 28672) == {**tma, "split_k": 8}
+    assert kernels.gemv1p_config(4096, 4096) == {**tma, "split_k": 8}
+    assert kernels.gemv1p_config(14336, 4096) == {**tma, "split_k": 4}
+    assert kernels.gemv1p_config(128256, 4096)["split_k"] == 1
+    assert "tma" not in kernels.gemv1p_config(1024, 4096)          # 128 programs: the pointer launch
     assert kernels.weight_only_choice(4, 4096, 14336) == "triton_gemm"
     assert kernels.weight_only_choice(64, 4096, 4096) == "triton_gemm"
     assert kernels.weight_only_choice(256, 4096, 4096) == "triton_dequant"
+    assert kernels.weight_only_choice(256, 28672, 8192) == "triton_gemm"          # 4 bits, >= 14336 rows
+    assert kernels.weight_only_choice(256, 28672, 8192, bits=8) == "triton_dequant"
     assert kernels.weight_only_choice(256, 8192, 28672) == "triton_dequant"
     assert kernels.weight_only_choice(2048, 8192, 28672) == "triton_dequant"
     assert kernels.gemv_config(1, 8192, 28672)["split_k"] == 4 and kernels.gemv_config(1, 28672, 8192)["split_k"] == 1
@@ -298,11 +313,16 @@ def test_weight_only_choice_follows_the_measured_crossovers():
     assert [kernels.gemm_config(16, n, k)["split_k"] for n, k in [(28672, 8192), (8192, 28672), (4096, 4096)]] == [4, 8, 8]
     assert kernels.gemm_config(64, 8192, 28672)["split_k"] == 4 and kernels.gemm_config(2048, 8192, 28672)["split_k"] == 1
     assert kernels.gemm_config(2048, 8192, 28672, bits=8)["block_m"] == 128   # 256 rows overflow shared memory
+    # the copy engine: 4 bits from M = 17 everywhere, at M <= 16 on layers of >= 2^27 weights
+    assert [kernels.gemm_config(m, 28672, 8192)["tma"] for m in (4, 64, 256)] == [True, True, True]
+    assert [kernels.gemm_config(m, 4096, 4096)["tma"] for m in (4, 64)] == [False, True]
+    assert not kernels.gemm_config(64, 28672, 8192, bits=8)["tma"]
 
 
 @gpu
 @pytest.mark.parametrize("split,block_m,block_n", [(1, 16, 64), (3, 16, 64), (4, 64, 128), (2, 128, 128)])
-def test_gemm_split_k_is_deterministic_and_reusable(split, block_m, block_n):
+@pytest.mark.parametrize("tma", [False, True])
+def test_gemm_split_k_is_deterministic_and_reusable(split, block_m, block_n, tma):
     """Split-K GEMM tiles (a split count that does not divide the K steps, ragged M blocks) match the
     reference, and a repeated call gives the same bits with every tile counter back at zero."""
     from bitsmith.kernels import triton_wq
@@ -312,12 +332,39 @@ def test_gemm_split_k_is_deterministic_and_reusable(split, block_m, block_n):
     pack = kernels.operands(mod, "triton_gemm")
     x = torch.randn(40, 4096, device="cuda").to(torch.bfloat16)
     ref = reference.weight_only_linear(x.float(), qw, mod.bias)
-    cfg = {"split_k": split, "block_m": block_m, "block_n": block_n, "num_warps": 8 if block_m >= 128 else 4}
+    cfg = {"split_k": split, "block_m": block_m, "block_n": block_n, "num_warps": 8 if block_m >= 128 else 4,
+           "tma": tma}
     y1 = triton_wq.gemm(x, pack, mod.bias.to(torch.bfloat16), **cfg)
     y2 = triton_wq.gemm(x, pack, mod.bias.to(torch.bfloat16), **cfg)
     assert_matches(y1, ref)
     assert torch.equal(y1, y2)
     assert all(int(cnt.abs().sum()) == 0 for _, cnt in pack.scratch.values())
+
+
+@gpu
+@pytest.mark.parametrize("scheme", GPU_SCHEMES, ids=lambda s: s.label())
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stored_order_dequantize_and_tma_gemm_match_reference(scheme, act_order, dtype):
+    """The stored-column-order dense weight (large M's dequantize + cuBLAS) and the copy-engine GEMM, forced
+    on the ragged layer (N = 80, K = 576: a partial last K step and row block) and a 1536-deep one."""
+    from bitsmith.kernels import triton_wq
+    for k in (576, 1536):
+        mod, qw = make_layer(k, scheme, act_order, seed=k + 1)
+        mod = mod.cuda()
+        qw = dataclasses.replace(qw, codes=qw.codes.cuda(), scale=qw.scale.cuda(),
+                                 zero=None if qw.zero is None else qw.zero.cuda(),
+                                 perm=None if qw.perm is None else qw.perm.cuda())
+        pack = kernels.operands(mod, "triton_gemm")
+        bias = mod.bias.to(dtype)
+        for m in MS:
+            x = torch.randn(m, k, device="cuda").to(dtype)
+            ref = reference.weight_only_linear(x.float(), qw, mod.bias)
+            assert_matches(triton_wq.dequant_matmul(x, pack, bias), ref)
+            assert triton_wq.tma_reason(x, pack) is None
+            for block_m, split, stages in [(16, 2, 4), (64, 1, 3)]:
+                cfg = {"block_m": block_m, "split_k": split, "num_stages": stages, "tma": True}
+                assert_matches(triton_wq.gemm(x, pack, bias, **cfg), ref)
 
 
 @gpu

@@ -188,12 +188,15 @@ def weight_only_choice(m: int, n: int, k: int, bits: int = 4) -> str:
     """GPU weight-only kernel for an (M, K) x (N, K) product. From the H200 runs (README): at M = 1 the
     packed-half2 GEMV (1.0-1.4x faster than gemv1 on the nine shapes swept, 4 and 8 bits), except 8-bit
     layers under 8M weights, where gemv1 was faster (1024x4096: 5.1 vs 5.9 us); the swapped tensor-core
-    GEMM from M = 2 to 64 on every shape (the CUDA-core multi-row GEMV never wins any more); above, a dense
-    dequantize + cuBLAS (the GEMM won by 5% at M = 256 on 28672x8192 but lost by 1.5x on 8192x28672).
+    GEMM from M = 2 to 64 on every shape (the CUDA-core multi-row GEMV never wins any more), and at 4 bits
+    up to M = 256 on layers of >= 14336 rows (its copy-engine launch at M = 256: 289 / 76 us on 28672x8192
+    / 14336x4096 against 341 / 88 for dequantize + cuBLAS; 321 against 337 on 8192x28672, not taken, and
+    slower on the 4096-row shapes, sweep-tma*.json); above, a dense dequantize + cuBLAS (the GEMM at
+    M = 2048: 2032 against 1517 us on 28672x8192).
     Where gemv1p cannot run a layer (fractional zeros, ragged 4-word units) dispatch takes gemv1."""
     if m == 1:
         return "triton_gemv1" if bits == 8 and n * k < 2**23 else "triton_gemv1p"
-    if m <= 64:
+    if m <= 64 or m <= 256 and bits == 4 and n >= 14336:
         return "triton_gemm"
     return "triton_dequant"
 
@@ -272,7 +275,8 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
         m = x2.shape[0]
         if name == "triton_gemv1p" and m == 1:
             from . import triton_gemv_h2
-            y = triton_gemv_h2.gemv1p(x2, pack, bias, **gemv1p_config(module.n, module.k, module.scheme.bits))
+            cfg = _tma_checked(gemv1p_config(module.n, module.k, module.scheme.bits), x2, pack)
+            y = triton_gemv_h2.gemv1p(x2, pack, bias, **cfg)
         elif name == "triton_gemv1h" and m == 1:
             y = triton_wq.gemv1h(x2, pack, bias, **gemv1h_config(module.n, module.k, module.scheme.bits))
         elif name == "triton_gemv1" and m == 1:
@@ -280,7 +284,8 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
         elif name in ("triton_gemv",) + M1_KERNELS:
             y = triton_wq.gemv(x2, pack, bias, **gemv_config(m, module.n, module.k))
         elif name == "triton_gemm":
-            y = triton_wq.gemm(x2, pack, bias, **gemm_config(m, module.n, module.k, module.scheme.bits))
+            y = triton_wq.gemm(x2, pack, bias, **_tma_checked(gemm_config(m, module.n, module.k, module.scheme.bits),
+                                                              x2, pack))
         else:
             y = triton_wq.dequant_matmul(x2, pack, bias)
     elif name == "cpu_fused":
@@ -288,6 +293,18 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
     else:
         y = _cpu.linear(x2, pack, bias)
     return y.view(*x.shape[:-1], module.n)
+
+
+def _tma_checked(cfg: dict, x2: torch.Tensor, pack) -> dict:
+    """A launch config that asks for the copy engine (tma) without it where this GPU or layer cannot
+    (triton_wq.tma_reason, asked once per pack and activation width): the same kernel on pointer loads."""
+    if not cfg.get("tma"):
+        return cfg
+    key = ("reason", x2.element_size())
+    if key not in pack.tma:
+        from . import triton_wq
+        pack.tma[key] = triton_wq.tma_reason(x2, pack)
+    return cfg if pack.tma[key] is None else {**cfg, "tma": False}
 
 
 TUNED: dict[tuple[str, int, int, int], dict] = {}   # (kernel, N, K, M bucket) -> launch config (benchmarks)
@@ -349,11 +366,13 @@ def gemv1p_config(n: int, k: int, bits: int = 4) -> dict:
     """Launch of triton_gemv_h2.gemv1p, the H200 sweeps' winners as a rule (sweep-m1-all-p.json,
     sweep-m1-all-pipe.json): 64 rows on one warp (8 rows per thread share the x conversion), 32 words per K
     step (two g128 groups at 4 bits), the next step's words in registers, K split in powers of two until
-    >= 768 programs while each split keeps >= 2 steps. At 4 bits, where those splits are short (< 8 steps:
-    the 4096-deep and 4096-wide mid shapes), 16-word steps through Triton's 3-stage cp.async pipeline
-    instead (123 vs 255 registers: twice the warps per SM; 10-13% faster there, slower on the long
-    streams), split to >= 768 programs keeping >= 4 steps. Where 64 rows cannot reach 768 programs (small N
-    and K): 32 rows and 16-word steps, split the same way (at most 16). (TUNED winners override it.)"""
+    >= 768 programs while each split keeps >= 2 steps. Where 64 rows cannot reach 768 programs (small N
+    and K): 32 rows and 16-word steps, split the same way (at most 16).
+    4 bits (session 7, sweep-tma.json, sweep-tma2.json): 16-word steps fetched by the copy engine (TMA)
+    3 deep, split to >= 768 programs keeping >= 4 steps, wherever that gives >= 512 programs: 38.2 / 36.9 us
+    on 28672x8192 / 8192x28672 against 48.6 / 44.1 for the register-prefetch launch above, 7.1 against 7.7
+    on 4096x4096, and equal (13.4) on the mid shapes, where the cp.async pipeline had won before. 8 bits:
+    the copy engine was within 1-3% either way, so the launch above stays. (TUNED winners override it.)"""
     if ("triton_gemv1p", n, k, 1) in TUNED:
         return TUNED["triton_gemv1p", n, k, 1]
 
@@ -364,36 +383,44 @@ def gemv1p_config(n: int, k: int, bits: int = 4) -> dict:
         return split, progs * split, steps // split
 
     words = k * bits // 32
+    if bits == 4:
+        split, progs, _ = split_for(64, 16, 4)
+        if progs >= 512:
+            return {"block_n": 64, "block_w": 16, "split_k": split, "num_warps": 1, "pipe": 3, "tma": True}
     split, progs, per = split_for(64, 32, 2)
     if progs >= 768:
-        if bits == 4 and per < 8:
-            split, progs, _ = split_for(64, 16, 4)
-            if progs >= 768:
-                return {"block_n": 64, "block_w": 16, "split_k": split, "num_warps": 1, "pipe": 3}
-            split, _, _ = split_for(64, 32, 2)
         return {"block_n": 64, "block_w": 32, "split_k": split, "num_warps": 1}
     split, _, _ = split_for(32, 16, 2)
     return {"block_n": 32, "block_w": 16, "split_k": split, "num_warps": 1}
 
 
 def gemm_config(m: int, n: int, k: int, bits: int = 4) -> dict:
-    """GEMM launch, the H200 sweep's winners (README): 16 rows of x per program up to M = 16 (64 weight
+    """GEMM launch, the H200 sweeps' winners (README): 16 rows of x per program up to M = 16 (64 weight
     rows, 4 warps), 64 (128 weight rows) up to M = 64; K split in powers of two until there are >= 1024
     programs at M <= 16 (>= 256 up to M = 64) while each split keeps >= 4 groups of 128. Above M = 64
-    (only when forced) 128 or 256 rows, 8 warps, no split; 8-bit stays at 128 rows (256 needs more shared
-    memory than the H200's 227 KB at 3 stages). (TUNED winners override it.)"""
+    128 or 256 rows, 8 warps, no split; 8-bit stays at 128 rows (256 needs more shared memory than the
+    H200's 227 KB at 3 stages).
+    4 bits, session 7 (sweep-tma2.json): x and word tiles through the copy engine (tma), 3 stages. At
+    M = 17-64 with 8 warps: 130.1 / 112.9 us on 28672x8192 / 8192x28672 against 186.9 / 161.7 for the
+    pointer-load launch, 43.4 / 37.0 against 57.3 / 50.8 on the mid shapes. At M <= 16 only on layers of
+    >= 2^27 weights (4% faster there, 2-3% slower on the mid shapes). Above M = 64: 256 rows, where
+    dispatch takes the GEMM at all (weight_only_choice). 8 bits: not measured with the copy engine, so
+    pointer loads. (TUNED winners override it.)"""
     if ("triton_gemm", n, k, m_bucket(m)) in TUNED:
         return TUNED["triton_gemm", n, k, m_bucket(m)]
     block_w = 16 if bits == 4 else 32
     if m <= 16:
         block_m, block_n, warps, target = 16, 64, 4, 1024
+        tma = bits == 4 and n * k >= 2**27
     elif m <= 64:
-        block_m, block_n, warps, target = 64, 128, 4, 256
+        block_m, block_n, warps, target = 64, 128, 8 if bits == 4 else 4, 256
+        tma = bits == 4
     else:
         block_m, block_n, warps, target = 128 if m <= 128 or bits == 8 else 256, 128, 8, 1
+        tma = bits == 4
     tiles = -(-m // block_m) * -(-n // block_n)
     split = 1
     while tiles * split < target and k // (128 * 2 * split) >= 4:
         split *= 2
     return {"block_m": block_m, "block_n": block_n, "split_k": split, "num_warps": warps, "num_stages": 3,
-            "block_w": block_w}
+            "block_w": block_w, "tma": tma}

@@ -43,6 +43,7 @@ class WQPack:
     k: int
     int_zero: bool = True            # zero points are integers (the packed half-float dequantization needs it)
     scratch: dict = field(default_factory=dict, compare=False, repr=False)   # kernels' reusable workspaces
+    tma: dict = field(default_factory=dict, compare=False, repr=False)       # copy-engine tensor maps, verdicts
 
 
 def unsupported_reason(n: int, k: int, scheme: Scheme, zero_kind: str, transform_spec: dict) -> str | None:

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .layout import HALF2_UNIT as U  # words per unit: one fp16 partial sum, one x scale
 from .layout import WQPack, gemv1p_reason
-from .triton_wq import _m1_start, _m1_words, _operands, _scratch, _store_rows
+from .triton_wq import _m1_start, _m1_words, _operands, _scratch, _store_rows, words_descriptor
 
 
 def _xprep_ptx(bits: int, fp16: bool) -> str:
@@ -168,20 +168,36 @@ def _zpk(z, off: tl.constexpr):
 def _wq_gemv1p_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, BITS: tl.constexpr, GS: tl.constexpr,
                       HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr, FP16: tl.constexpr,
-                      PIPE: tl.constexpr = 0):
+                      PIPE: tl.constexpr = 0, TMA: tl.constexpr = False):
     """Program (pid_n, pid_k) owns BLOCK_N rows and a contiguous run of K steps of BLOCK_W words, as
     triton_wq._wq_gemv1m_kernel (flat tile, next step's words in flight, split K reduced by the last program
     of a row block). Each step is BLOCK_W / U units of U words; per unit and row one fp16 partial sum.
-    PIPE > 0: no register prefetch; Triton pipelines the step loads PIPE deep through shared memory."""
+    PIPE > 0: no register prefetch; Triton pipelines the step loads PIPE deep through shared memory.
+    TMA (with PIPE > 0): QW is a tensor descriptor of (BLOCK_N, BLOCK_W) word tiles, fetched by the copy
+    engine PIPE deep (no per-thread address work, edges zero-filled)."""
     CPW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GS // CPW
     NU: tl.constexpr = BLOCK_W // 4
-    pid_n, pid_k, t0, t1, rn, rw, nmask, rows, w = _m1_start(QW, N, wpr, BLOCK_N, BLOCK_W, SPLIT_K, EVEN)
+    if TMA:
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        steps = tl.cdiv(wpr, BLOCK_W)
+        per = tl.cdiv(steps, SPLIT_K)
+        t0 = pid_k * per
+        t1 = tl.minimum(t0 + per, steps)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        w = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
+    else:
+        pid_n, pid_k, t0, t1, rn, rw, nmask, rows, w = _m1_start(QW, N, wpr, BLOCK_N, BLOCK_W, SPLIT_K, EVEN)
     ru = tl.arange(0, NU)
     xw = X.to(tl.pointer_type(tl.int32), bitcast=True)                      # x as pairs of 16-bit values
     acc = tl.zeros((BLOCK_N, NU), dtype=tl.float32)
     for t in tl.range(t0, t1, num_stages=PIPE if PIPE > 0 else None):
-        if PIPE > 0:          # Triton's software pipeline (cp.async through shared memory) instead
+        if TMA:
+            w = QW.load([pid_n * BLOCK_N, t * BLOCK_W])
+            wn = w
+        elif PIPE > 0:        # Triton's software pipeline (cp.async through shared memory) instead
             w = _m1_words(rows, t * BLOCK_W + rw, nmask, wpr, EVEN)
             wn = w
         else:
@@ -236,7 +252,8 @@ def unsupported(p: WQPack) -> str | None:
 
 
 def gemv1p(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block_n: int = 64,
-           block_w: int | None = None, split_k: int = 1, num_warps: int = 1, pipe: int = 0) -> torch.Tensor:
+           block_w: int | None = None, split_k: int = 1, num_warps: int = 1, pipe: int = 0,
+           tma: bool = False) -> torch.Tensor:
     """M = 1 only; x in stored column order (permuted only under act-order). block_w: words per K step, a
     multiple of 4 (default: one g128 group, 16 words at 4 bits, 32 at 8). pipe: 0 = the next step's words
     loaded into registers ahead (255 registers at 64 x 32); n > 0 = Triton's n-stage cp.async pipeline
@@ -257,8 +274,12 @@ def gemv1p(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, blo
     n_blocks = triton.cdiv(p.n, block_n)
     ws, cnt = _scratch(p, ("p", split_k, n_blocks), (split_k, p.n), n_blocks) if split_k > 1 else (y, y)
     even = p.n % block_n == 0 and wpr % block_w == 0
-    _wq_gemv1p_kernel[(n_blocks, split_k)](x, p.qw, p.scale, zero, b, y, ws, cnt, p.n, p.k, wpr, BITS=p.bits,
+    qa = p.qw
+    if tma:
+        qa, pipe = words_descriptor(p, block_n, block_w), max(pipe, 2)
+    _wq_gemv1p_kernel[(n_blocks, split_k)](x, qa, p.scale, zero, b, y, ws, cnt, p.n, p.k, wpr, BITS=p.bits,
                                            GS=p.group, HAS_ZERO=p.zero is not None, HAS_BIAS=bias is not None,
                                            BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k, EVEN=even,
-                                           FP16=x2.dtype == torch.float16, PIPE=pipe, num_warps=num_warps)
+                                           FP16=x2.dtype == torch.float16, PIPE=pipe, TMA=tma,
+                                           num_warps=num_warps)
     return y

@@ -12,14 +12,17 @@ Five kernels over the layout of layout.py (codes as int32 words, 32/bits codes p
            split K. Each K step dequantizes a (BLOCK_N, BLOCK_W) tile of words (4-bit: packed half-float
            instructions, _dq4_asm), interleaves the code positions in registers into stored column order
            and issues one dot against a contiguous x tile.
-  dequant  writes the dense (N, K) weight, for large M where cuBLAS on the dense weight wins.
+  dequant  writes the dense (N, K) weight in stored column order (gemm's dequantization, one contiguous
+           store per row), for large M where cuBLAS on the dense weight wins.
+gemv1p (triton_gemv_h2) and gemm can fetch their word tiles through Hopper's copy engine (TMA descriptors,
+`tma=True`), which Triton pipelines num_stages deep; pointer loads that feed no dot are not pipelined.
 
 Integer -> float without the slow I2F instruction: a code masked in place at bit offset sh (< 23) OR-ed
 into the exponent of 2^23 is the float 2^23 + q * 2^sh exactly; subtracting 2^23 gives q * 2^sh, and the
 2^-sh is folded into x (gemv) or the scale (gemm). Codes above bit 23 are shifted down once per word.
-Column order: gemv and dequant gather x once into "x_pi" order (code i of word j of every row <-> x
-position i * K/CPW + j, composed with the act-order permutation), so x loads are contiguous (the dot operands
-of those need that); gemv1 and gemm read x where it lies (x[CPW * j + i]) to save the gather's launch.
+Column order: gemv gathers x once into "x_pi" order (code i of word j of every row <-> x
+position i * K/CPW + j, composed with the act-order permutation), so its x loads are contiguous; gemv1,
+gemm and dequant read x where it lies (x[CPW * j + i]; gathered only under act-order) to save the gather.
 The weights never move.
 """
 
@@ -444,14 +447,18 @@ def _interleave(c, CPW: tl.constexpr):
 def _wq_gemm_kernel(X, QW, S, Z, B, Y, WS, CNT, M, N, K, wpr, stride_xm, stride_ym,
                       BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
-                      ASM: tl.constexpr, EVEN: tl.constexpr, FP16: tl.constexpr):
+                      ASM: tl.constexpr, EVEN: tl.constexpr, FP16: tl.constexpr, TMA: tl.constexpr = False):
     """Tensor-core GEMM with the operands swapped: acc (BLOCK_N, BLOCK_M) = W tile x x^T, so the weights fill
     the MMA's M side (64 rows per warpgroup on Hopper) and a few rows of x are its narrow N side (M = 1..16
     costs about the same). The dequantized weights stay in registers as the MMA's A operand (Triton keeps
     them there: no shared-memory round trip of 16-bit weights). K is split over SPLIT_K programs (small N
     or long K); the last program of each tile sums the fp32 partials in a fixed order (as
     _wq_gemv1_kernel). `wpr` (K / CPW) is an argument so Triton sees its divisibility: without it the
-    loads lost their 16-byte vectors and the x tiles their cp.async pipelining (measured 1.3-1.8x slower)."""
+    loads lost their 16-byte vectors and the x tiles their cp.async pipelining (measured 1.3-1.8x slower).
+    TMA: X and QW are host tensor descriptors (x tile (BLOCK_M, BLOCK_W * CPW), word tile (BLOCK_N, BLOCK_W));
+    the copy engine fetches both, zero-filling past the edges, so Triton's pipeline keeps num_stages word
+    tiles in flight through shared memory (the pointer loads of the words feed no dot directly, so they
+    are not pipelined: one step's latency per step)."""
     CPW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GS // CPW
     HI: tl.constexpr = 12 if BITS == 4 else 16
@@ -469,23 +476,29 @@ def _wq_gemm_kernel(X, QW, S, Z, B, Y, WS, CNT, M, N, K, wpr, stride_xm, stride_
     for t in range(pid_k * per, tl.minimum(pid_k * per + per, steps)):
         word = t * BLOCK_W + rw
         wmask = word < wpr
-        if EVEN:
+        if TMA:
+            w = QW.load([pid_n * BLOCK_N, t * BLOCK_W])
+        elif EVEN:
             w = tl.load(QW + rn[:, None] * wpr + word[None, :])
         else:
             w = tl.load(QW + rn[:, None] * wpr + word[None, :], mask=nmask[:, None] & wmask[None, :], other=0)
         s, z = _step_scales(S, Z, t, word, wmask, rn, nmask, N, BITS, HAS_ZERO, BLOCK_N, BLOCK_W, WPG, EVEN)
         if ASM:
-            c = _dq4_asm(w, tl.broadcast_to(s.to(X.dtype.element_ty), (BLOCK_N, BLOCK_W)),
-                         tl.broadcast_to((-(z + (1024.0 if FP16 else 128.0))).to(X.dtype.element_ty),
+            c = _dq4_asm(w, tl.broadcast_to(s.to(Y.dtype.element_ty), (BLOCK_N, BLOCK_W)),
+                         tl.broadcast_to((-(z + (1024.0 if FP16 else 128.0))).to(Y.dtype.element_ty),
                                          (BLOCK_N, BLOCK_W)), FP16)
         else:
-            c = _codes_f(w, s, z * s, BITS, HI, X.dtype.element_ty)
+            c = _codes_f(w, s, z * s, BITS, HI, Y.dtype.element_ty)
         # one dot over all BLOCK_W * CPW codes of the step, x in stored column order (CPW * word + i): one
         # wide MMA chain and one contiguous x tile per step instead of CPW narrow dots over a gathered x
         # (measured ~15% faster on an H200 at M = 16, README)
         wt = tl.reshape(_interleave(c, CPW), (BLOCK_N, BLOCK_W * CPW))
-        xk = t * (BLOCK_W * CPW) + tl.arange(0, BLOCK_W * CPW)
-        xt = tl.load(X + rm[:, None] * stride_xm + xk[None, :], mask=mmask[:, None] & (xk < K)[None, :], other=0.0)
+        if TMA:
+            xt = X.load([pid_m * BLOCK_M, t * (BLOCK_W * CPW)])
+        else:
+            xk = t * (BLOCK_W * CPW) + tl.arange(0, BLOCK_W * CPW)
+            xt = tl.load(X + rm[:, None] * stride_xm + xk[None, :], mask=mmask[:, None] & (xk < K)[None, :],
+                         other=0.0)
         acc = tl.dot(wt, tl.trans(xt), acc)
     omask = nmask[:, None] & mmask[None, :]
     out = rm[None, :] * stride_ym + rn[:, None]
@@ -510,28 +523,30 @@ def _wq_gemm_kernel(X, QW, S, Z, B, Y, WS, CNT, M, N, K, wpr, stride_xm, stride_
 
 
 @triton.jit
-def _wq_dequant_kernel(QW, S, Z, W, N, K, BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-    """W (N, K) in the x_pi column order (see `permute_x`), so its stores are contiguous."""
+def _wq_dequant_s_kernel(QW, S, Z, W, N, K, wpr, BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, ASM: tl.constexpr, FP16: tl.constexpr):
+    """W (N, K) in STORED column order (code i of word j at column CPW * j + i), the gemm's dequantization
+    (packed half-float instructions at 4 bits) and one contiguous store of BLOCK_W * CPW columns per row:
+    the matmul then reads x where it lies (gathered only under act-order)."""
     CPW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GS // CPW
     HI: tl.constexpr = 12 if BITS == 4 else 16
-    wpr = K // CPW
+    t = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    word = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    msk = (rn < N)[:, None] & (word < wpr)[None, :]
-    w = tl.load(QW + rn[:, None] * wpr + word[None, :], mask=msk, other=0)
-    ws = w >> HI
-    g = word // WPG
-    s = tl.load(S + g[None, :] * N + rn[:, None], mask=msk, other=0.0).to(tl.float32)
-    if HAS_ZERO:
-        z = tl.load(Z + g[None, :] * N + rn[:, None], mask=msk, other=0.0).to(tl.float32)
+    word = t * BLOCK_W + tl.arange(0, BLOCK_W)
+    nmask = rn < N
+    wmask = word < wpr
+    w = tl.load(QW + rn[:, None] * wpr + word[None, :], mask=nmask[:, None] & wmask[None, :], other=0)
+    s, z = _step_scales(S, Z, t, word, wmask, rn, nmask, N, BITS, HAS_ZERO, BLOCK_N, BLOCK_W, WPG, False)
+    if ASM:
+        c = _dq4_asm(w, tl.broadcast_to(s.to(W.dtype.element_ty), (BLOCK_N, BLOCK_W)),
+                     tl.broadcast_to((-(z + (1024.0 if FP16 else 128.0))).to(W.dtype.element_ty),
+                                     (BLOCK_N, BLOCK_W)), FP16)
     else:
-        z = tl.full((BLOCK_N, BLOCK_W), 1 << (BITS - 1), tl.float32)
-    for i in tl.static_range(CPW):
-        q = _code(w, ws, i, BITS, HI)
-        wi = q * (s * _code_inv_scale(i, BITS, HI)) - z * s
-        tl.store(W + rn[:, None] * K + i * wpr + word[None, :], wi.to(W.dtype.element_ty), mask=msk)
+        c = _codes_f(w, s, z * s, BITS, HI, W.dtype.element_ty)
+    wt = tl.reshape(_interleave(c, CPW), (BLOCK_N, BLOCK_W * CPW))
+    col = t * (BLOCK_W * CPW) + tl.arange(0, BLOCK_W * CPW)
+    tl.store(W + rn[:, None] * K + col[None, :], wt, mask=nmask[:, None] & (col < K)[None, :])
 
 
 # ---- launchers ---------------------------------------------------------------------------------------
@@ -614,12 +629,15 @@ def _scratch(p: WQPack, key: tuple, shape: tuple, n_tiles: int) -> tuple[torch.T
 
 def gemm(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block_m: int | None = None,
          block_n: int = 128, block_w: int | None = None, split_k: int = 1, num_warps: int = 4,
-         num_stages: int = 3, asm: bool = True) -> torch.Tensor:
+         num_stages: int = 3, asm: bool = True, tma: bool = False) -> torch.Tensor:
     """`asm`: 4-bit codes with integer zero points dequantized by packed half-float instructions
     (_dq4_asm); 8-bit codes, fractional zeros and asm=False take the fp32 path. x is read in the weights'
-    stored column order (gathered only under act-order)."""
+    stored column order (gathered only under act-order). `tma`: x and the words through the copy engine
+    (tma_reason says where it cannot)."""
     m = x2.shape[0]
     xp = x2 if p.perm is None else x2.index_select(1, p.perm)
+    if tma and not xp.is_contiguous():
+        xp = xp.contiguous()
     zero, b = _operands(p, bias)
     if block_m is None:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
@@ -632,31 +650,70 @@ def gemm(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block
     ws, cnt = _scratch(p, ("gemm", split_k, m_blocks * n_blocks, m), (split_k * m, p.n), m_blocks * n_blocks) \
         if split_k > 1 else (y, y)
     even = p.n % block_n == 0 and (p.k // cpw) % block_w == 0
+    xa, qa = xp, p.qw
+    if tma:
+        xa, qa = x_descriptor(xp, block_m, block_w * cpw), words_descriptor(p, block_n, block_w)
     _wq_gemm_kernel[(m_blocks, n_blocks, split_k)](
-        xp, p.qw, p.scale, zero, b, y, ws, cnt, m, p.n, p.k, p.k // cpw, xp.stride(0), y.stride(0),
+        xa, qa, p.scale, zero, b, y, ws, cnt, m, p.n, p.k, p.k // cpw, xp.stride(0), y.stride(0),
         BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k, ASM=asm and p.bits == 4 and p.int_zero, EVEN=even,
-        FP16=x2.dtype == torch.float16, num_warps=num_warps,
+        FP16=x2.dtype == torch.float16, TMA=tma, num_warps=num_warps,
         num_stages=num_stages)
     return y
 
 
-def dequantize_permuted(p: WQPack, dtype: torch.dtype) -> torch.Tensor:
-    """Dense (N, K) weight with columns in x_pi order."""
+def tma_reason(x2: torch.Tensor, p: WQPack) -> str | None:
+    """Why the copy-engine (TMA) launches cannot run (None when they can): a tensor map needs a Hopper or
+    newer GPU, 16-byte aligned bases and row strides in multiples of 16 bytes."""
+    if torch.cuda.get_device_capability(p.qw.device)[0] < 9:
+        return "TMA needs compute capability 9.0 or newer"
+    if (p.qw.stride(0) * 4) % 16 or p.qw.data_ptr() % 16:
+        return f"K={p.k} at {p.bits} bits gives word rows that are not a multiple of 16 bytes"
+    if (p.k * x2.element_size()) % 16:
+        return f"K={p.k} gives x rows that are not a multiple of 16 bytes"
+    return None
+
+
+def x_descriptor(x: torch.Tensor, rows: int, cols: int):
+    """Host tensor map of x (rows, cols tiles); built per call (x moves), a few microseconds of host time."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor.from_tensor(x, [rows, cols])
+
+
+def words_descriptor(p: WQPack, rows: int, words: int):
+    """Tensor map of the codes' words in (rows, words) tiles, made once per pack and tile shape."""
+    key = (rows, words)
+    if key not in p.tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        p.tma[key] = TensorDescriptor.from_tensor(p.qw, [rows, words])
+    return p.tma[key]
+
+
+def dequantize_stored(p: WQPack, dtype: torch.dtype, *, block_n: int = 32, block_w: int | None = None,
+                      num_warps: int = 4) -> torch.Tensor:
+    """Dense (N, K) weight with columns in stored order (the act-order permutation not undone)."""
     w = torch.empty(p.n, p.k, device=p.qw.device, dtype=dtype)
-    block_n, block_w = 16, 64
-    grid = (triton.cdiv(p.n, block_n), triton.cdiv(p.k * p.bits // 32, block_w))
-    _wq_dequant_kernel[grid](p.qw, p.scale, p.zero if p.zero is not None else p.scale, w, p.n, p.k, BITS=p.bits,
-                             GS=p.group, HAS_ZERO=p.zero is not None, BLOCK_N=block_n, BLOCK_W=block_w)
+    wpr = p.k * p.bits // 32
+    if block_w is None:
+        block_w = 16 if p.bits == 4 else 32
+    block_w = min(block_w, triton.next_power_of_2(wpr))
+    asm = p.bits == 4 and p.int_zero and dtype in (torch.float16, torch.bfloat16)
+    grid = (triton.cdiv(p.n, block_n), triton.cdiv(wpr, block_w))
+    _wq_dequant_s_kernel[grid](p.qw, p.scale, p.zero if p.zero is not None else p.scale, w, p.n, p.k, wpr,
+                               BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None, BLOCK_N=block_n,
+                               BLOCK_W=block_w, ASM=asm, FP16=dtype == torch.float16, num_warps=num_warps)
     return w
 
 
+def dequant_matmul(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, **cfg) -> torch.Tensor:
+    """Large M: the dense weight in stored column order, then cuBLAS on x (gathered only under act-order).
+    Against the earlier x_pi-order dequantization (fp32 per code, CPW strided stores, x gathered every
+    call): 5-30% faster on the issue shapes at M = 16-2048 (sweep-tma.json)."""
+    x = x2 if p.perm is None else x2.index_select(1, p.perm)
+    return torch.nn.functional.linear(x, dequantize_stored(p, x2.dtype, **cfg), bias)
+
+
 def dequantize(p: WQPack, dtype: torch.dtype) -> torch.Tensor:
-    """Dense (N, K) weight in the original column order (for inspection; the matmul stays in x_pi order)."""
-    wp = dequantize_permuted(p, dtype)
-    return torch.empty_like(wp).index_copy_(1, p.xidx, wp)
-
-
-def dequant_matmul(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Large M: one dense weight in x_pi order, then cuBLAS on the permuted x (same sum, reordered)."""
-    return torch.nn.functional.linear(permute_x(x2, p), dequantize_permuted(p, x2.dtype), bias)
+    """Dense (N, K) weight in the original column order (for inspection; the matmul stays in stored order)."""
+    w = dequantize_stored(p, dtype)
+    return w if p.perm is None else torch.empty_like(w).index_copy_(1, p.perm.long(), w)

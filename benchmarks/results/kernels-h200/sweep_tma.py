@@ -6,6 +6,7 @@
   M >= 16:      the stored-order packed dequant + cuBLAS, tiles swept (SKIP_DEQUANT=1: not).
   M = 2048:     the TMA GEMM at 128-256 x 128 tiles.
   M1_GRID=2:    a finer M = 1 grid around call 1's winners (pipe 2-4, splits around 768 programs).
+  M1_GRID=3:    4 bits, more one-warp programs per SM (32-row tiles, splits up to 4x the rule's).
 Each config is first checked against a float32 dequantized matmul (relative error < 1e-2); a failing or
 wrong config is recorded, not timed. Writes $OUT/sweep-tma.json as it goes; stops starting cells after
 BUDGET seconds.
@@ -58,13 +59,15 @@ def m1_cells(n, k, mod, bits):
     cell["rule"] = d
     check_and_time(cell, "gemv1p_rule", lambda q: H2.gemv1p(x, q, None, **d), packs, x, ref)
     bw0 = 16 if bits == 4 else 32
-    if os.environ.get("M1_GRID") == "2":       # second call: around the first call's winners
-        for bn, nw, pipes in [(64, 1, (2, 3, 4)), (128, 2, (3,))]:
+    grid = os.environ.get("M1_GRID")
+    if grid in ("2", "3"):       # second call: around the first call's winners; fourth: more programs
+        for bn, nw, pipes in ([(64, 1, (2, 3, 4)), (128, 2, (3,))] if grid == "2" else
+                              [(32, 1, (2, 3, 4)), (64, 1, (2, 4))]):
             blocks = -(-n // bn)
             s768 = 1
             while blocks * s768 < 768 and (k * bits // 32) // bw0 // (2 * s768) >= 4:
                 s768 *= 2
-            for sk in sorted({max(1, s768 // 2), s768, 2 * s768}):
+            for sk in sorted({max(1, s768 // 2), s768, 2 * s768} if grid == "2" else {s768, 2 * s768, 4 * s768}):
                 for pipe in pipes:
                     cfg = {"block_n": bn, "block_w": bw0, "num_warps": nw, "split_k": sk, "pipe": pipe, "tma": True}
                     check_and_time(cell, f"tma_bn{bn}_bw{bw0}_w{nw}_sk{sk}_p{pipe}",

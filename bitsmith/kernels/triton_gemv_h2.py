@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .layout import HALF2_UNIT as U  # words per unit: one fp16 partial sum, one x scale
 from .layout import WQPack, gemv1p_reason
-from .triton_wq import _m1_start, _m1_words, _operands, _scratch, _store_rows, words_descriptor
+from .triton_wq import _m1_start, _m1_words, _store_rows, m1_launch, words_descriptor
 
 
 def _xprep_ptx(bits: int, fp16: bool) -> str:
@@ -261,25 +261,13 @@ def gemv1p(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, blo
     why = unsupported(p)
     if why is not None:
         raise ValueError(f"gemv1p: {why}")
-    x = x2 if p.perm is None else x2.index_select(1, p.perm)
-    if not x.is_contiguous():
-        x = x.contiguous()
-    zero, b = _operands(p, bias)
-    wpr = p.k * p.bits // 32
-    if block_w is None:
-        block_w = 16 if p.bits == 4 else 32
-    block_w = max(4, min(block_w, triton.next_power_of_2(wpr)))
-    split_k = max(1, min(split_k, triton.cdiv(wpr, block_w)))
-    y = torch.empty(1, p.n, device=x2.device, dtype=x2.dtype)
-    n_blocks = triton.cdiv(p.n, block_n)
-    ws, cnt = _scratch(p, ("p", split_k, n_blocks), (split_k, p.n), n_blocks) if split_k > 1 else (y, y)
-    even = p.n % block_n == 0 and wpr % block_w == 0
+    L = m1_launch(x2, p, bias, "p", block_n, block_w, split_k, min_block_w=U)
     qa = p.qw
     if tma:
-        qa, pipe = words_descriptor(p, block_n, block_w), max(pipe, 2)
-    _wq_gemv1p_kernel[(n_blocks, split_k)](x, qa, p.scale, zero, b, y, ws, cnt, p.n, p.k, wpr, BITS=p.bits,
-                                           GS=p.group, HAS_ZERO=p.zero is not None, HAS_BIAS=bias is not None,
-                                           BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k, EVEN=even,
-                                           FP16=x2.dtype == torch.float16, PIPE=pipe, TMA=tma,
-                                           num_warps=num_warps)
-    return y
+        qa, pipe = words_descriptor(p, block_n, L.block_w), max(pipe, 2)
+    _wq_gemv1p_kernel[(L.n_blocks, L.split_k)](L.x, qa, p.scale, L.zero, L.b, L.y, L.ws, L.cnt, p.n, p.k, L.wpr,
+                                               BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None,
+                                               HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_W=L.block_w,
+                                               SPLIT_K=L.split_k, EVEN=L.even, FP16=x2.dtype == torch.float16,
+                                               PIPE=pipe, TMA=tma, num_warps=num_warps)
+    return L.y

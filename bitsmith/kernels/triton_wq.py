@@ -28,6 +28,8 @@ The weights never move.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -599,23 +601,47 @@ def gemv1h(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, blo
            block_w: int | None = None, split_k: int = 1, num_warps: int = 4) -> torch.Tensor:
     """M = 1 only: the half-conversion GEMV (_wq_gemv1m_kernel); x in stored column order (permuted only
     under act-order). block_w: words per K step (default: 16 at 4 bits, 32 at 8; one g128 group)."""
+    L = m1_launch(x2, p, bias, "h", block_n, block_w, split_k)
+    _wq_gemv1m_kernel[(L.n_blocks, L.split_k)](L.x, p.qw, p.scale, L.zero, L.b, L.y, L.ws, L.cnt, p.n, p.k, L.wpr,
+                                               BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None,
+                                               HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_W=L.block_w,
+                                               SPLIT_K=L.split_k, EVEN=L.even, num_warps=num_warps)
+    return L.y
+
+
+class M1Launch(NamedTuple):
+    x: torch.Tensor              # x in stored column order, contiguous
+    zero: torch.Tensor           # zero points, or a dummy pointer
+    b: torch.Tensor              # bias, or a dummy pointer
+    y: torch.Tensor              # (1, N) output
+    ws: torch.Tensor             # split-K partials (y when not split)
+    cnt: torch.Tensor            # split-K counters (y when not split)
+    wpr: int                     # words per row
+    block_w: int
+    split_k: int
+    n_blocks: int
+    even: bool                   # nothing to mask: N % block_n == 0 and block_w divides the row
+
+
+def m1_launch(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None, tag: str, block_n: int,
+              block_w: int | None, split_k: int, min_block_w: int = 1) -> M1Launch:
+    """The host set-up shared by the one-launch M = 1 GEMVs (gemv1h here, gemv1p in triton_gemv_h2): x in
+    stored column order (gathered only under act-order), the K step (default one g128 group: 16 words at
+    4 bits, 32 at 8) and split clamped to the row, the output, the split-K scratch (kept per kernel `tag`)."""
     x = x2 if p.perm is None else x2.index_select(1, p.perm)
+    if not x.is_contiguous():
+        x = x.contiguous()
     zero, b = _operands(p, bias)
-    cpw = 32 // p.bits
-    wpr = p.k // cpw
+    wpr = p.k * p.bits // 32
     if block_w is None:
         block_w = 16 if p.bits == 4 else 32
-    block_w = min(block_w, triton.next_power_of_2(wpr))
+    block_w = max(min_block_w, min(block_w, triton.next_power_of_2(wpr)))
     split_k = max(1, min(split_k, triton.cdiv(wpr, block_w)))
     y = torch.empty(1, p.n, device=x2.device, dtype=x2.dtype)
     n_blocks = triton.cdiv(p.n, block_n)
-    ws, cnt = _scratch(p, ("h", split_k, n_blocks), (split_k, p.n), n_blocks) if split_k > 1 else (y, y)
-    even = p.n % block_n == 0 and wpr % block_w == 0
-    _wq_gemv1m_kernel[(n_blocks, split_k)](x, p.qw, p.scale, zero, b, y, ws, cnt, p.n, p.k, wpr, BITS=p.bits,
-                                           GS=p.group, HAS_ZERO=p.zero is not None, HAS_BIAS=bias is not None,
-                                           BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k, EVEN=even,
-                                           num_warps=num_warps)
-    return y
+    ws, cnt = _scratch(p, (tag, split_k, n_blocks), (split_k, p.n), n_blocks) if split_k > 1 else (y, y)
+    return M1Launch(x, zero, b, y, ws, cnt, wpr, block_w, split_k, n_blocks,
+                    p.n % block_n == 0 and wpr % block_w == 0)
 
 
 def _scratch(p: WQPack, key: tuple, shape: tuple, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:

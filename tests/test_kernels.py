@@ -346,8 +346,9 @@ def test_gemm_split_k_is_deterministic_and_reusable(split, block_m, block_n, tma
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_stored_order_dequantize_and_tma_gemm_match_reference(scheme, act_order, dtype):
-    """The stored-column-order dense weight (large M's dequantize + cuBLAS) and the copy-engine GEMM, forced
-    on the ragged layer (N = 80, K = 576: a partial last K step and row block) and a 1536-deep one."""
+    """The stored-column-order dense weight (large M's dequantize + cuBLAS), the copy-engine GEMM and the
+    scale-after GEMM, forced on the ragged layer (N = 80, K = 576: a partial last K step and row block) and
+    a 1536-deep one."""
     from bitsmith.kernels import triton_wq
     for k in (576, 1536):
         mod, qw = make_layer(k, scheme, act_order, seed=k + 1)
@@ -365,6 +366,15 @@ def test_stored_order_dequantize_and_tma_gemm_match_reference(scheme, act_order,
             for block_m, split, stages in [(16, 2, 4), (64, 1, 3)]:
                 cfg = {"block_m": block_m, "split_k": split, "num_stages": stages, "tma": True}
                 assert_matches(triton_wq.gemm(x, pack, bias, **cfg), ref)
+            # scales applied per K step on the accumulator: only where a step lies within one group
+            step_words, group_words = (16 if scheme.bits == 4 else 32), pack.group * scheme.bits // 32
+            for tma in (False, True):
+                cfg = {"block_m": 16 if m <= 16 else 64, "split_k": 3, "tma": tma, "scale_after": True}
+                if step_words <= group_words:
+                    assert_matches(triton_wq.gemm(x, pack, bias, **cfg), ref)
+                else:
+                    with pytest.raises(ValueError, match="scale_after needs K steps within one group"):
+                        triton_wq.gemm(x, pack, bias, **cfg)
 
 
 @gpu

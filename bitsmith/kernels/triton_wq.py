@@ -378,25 +378,32 @@ def _wq_gemv1m_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, BITS: tl.constexpr,
     _store_rows(y, rn, nmask, B, Y, WS, CNT, N, pid_n, pid_k, HAS_BIAS, SPLIT_K)
 
 
-def _dq4_ptx(ty: str, magic: str) -> str:
+def _dq4_ptx(ty: str, magic: str, scaled: bool = True) -> str:
     """PTX for _dq4_asm: code pairs (i, i + 4) of the word $8 into the two halves of t_i, each half
     2^m + q exactly (LOP3 of the masked pair into the mantissas of 2^m, `magic`); one packed FMA subtracts
-    2^m + z (exact: integers), one multiplies by s. $9 = s, $10 = -(2^m + z), in the 16-bit type."""
-    lines = [".reg .b32 t0, t1, t2, t3, rs, rz, one, nz;", "mov.b32 rs, {$9, $9};", "mov.b32 rz, {$10, $10};",
+    2^m + z (exact: integers), one multiplies by s. $9 = s, $10 = -(2^m + z), in the 16-bit type.
+    scaled=False (_dq4q_asm): no multiply, the exact q - z; $9 = -(2^m + z)."""
+    rz = "$10" if scaled else "$9"
+    lines = [".reg .b32 t0, t1, t2, t3, rs, rz, one, nz;", f"mov.b32 rz, {{{rz}, {rz}}};",
              f"mov.b32 one, {'0x3F803F80' if ty == 'bf16' else '0x3C003C00'};", "mov.b32 nz, 0x80008000;"]
+    if scaled:
+        lines.append("mov.b32 rs, {$9, $9};")
     for i in range(4):
         src = "$8" if i == 0 else f"t{i}"
         if i:
             lines.append(f"shr.u32 t{i}, $8, {4 * i};")
         lines.append(f"lop3.b32 t{i}, {src}, 0x000F000F, {magic}, 0xEA;")
     lines += [f"fma.rn.{ty}x2 t{i}, t{i}, one, rz;" for i in range(4)]
-    lines += [f"fma.rn.{ty}x2 t{i}, t{i}, rs, nz;" for i in range(4)]
+    if scaled:
+        lines += [f"fma.rn.{ty}x2 t{i}, t{i}, rs, nz;" for i in range(4)]
     lines += [f"mov.b32 {{${i}, ${i + 4}}}, t{i};" for i in range(4)]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
 _DQ4_BF16 = tl.constexpr(_dq4_ptx("bf16", "0x43004300"))     # bf16 128 + q
 _DQ4_FP16 = tl.constexpr(_dq4_ptx("f16", "0x64006400"))     # fp16 1024 + q
+_DQ4Q_BF16 = tl.constexpr(_dq4_ptx("bf16", "0x43004300", scaled=False))
+_DQ4Q_FP16 = tl.constexpr(_dq4_ptx("f16", "0x64006400", scaled=False))
 
 
 @triton.jit
@@ -411,6 +418,17 @@ def _dq4_asm(w, s, mz, FP16: tl.constexpr):
                                          dtype=(tl.float16,) * 8, is_pure=True, pack=1)
     else:
         return tl.inline_asm_elementwise(_DQ4_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", [w, s, mz],
+                                         dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
+def _dq4q_asm(w, mz, FP16: tl.constexpr):
+    """_dq4_asm without the scale: the exact integers q - z (|q - z| <= 15) in the activation dtype."""
+    if FP16:
+        return tl.inline_asm_elementwise(_DQ4Q_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [w, mz],
+                                         dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(_DQ4Q_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [w, mz],
                                          dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
 
 
@@ -449,7 +467,8 @@ def _interleave(c, CPW: tl.constexpr):
 def _wq_gemm_kernel(X, QW, S, Z, B, Y, WS, CNT, M, N, K, wpr, stride_xm, stride_ym,
                       BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
-                      ASM: tl.constexpr, EVEN: tl.constexpr, FP16: tl.constexpr, TMA: tl.constexpr = False):
+                      ASM: tl.constexpr, EVEN: tl.constexpr, FP16: tl.constexpr, TMA: tl.constexpr = False,
+                      SCALE_AFTER: tl.constexpr = False):
     """Tensor-core GEMM with the operands swapped: acc (BLOCK_N, BLOCK_M) = W tile x x^T, so the weights fill
     the MMA's M side (64 rows per warpgroup on Hopper) and a few rows of x are its narrow N side (M = 1..16
     costs about the same). The dequantized weights stay in registers as the MMA's A operand (Triton keeps
@@ -460,7 +479,10 @@ def _wq_gemm_kernel(X, QW, S, Z, B, Y, WS, CNT, M, N, K, wpr, stride_xm, stride_
     TMA: X and QW are host tensor descriptors (x tile (BLOCK_M, BLOCK_W * CPW), word tile (BLOCK_N, BLOCK_W));
     the copy engine fetches both, zero-filling past the edges, so Triton's pipeline keeps num_stages word
     tiles in flight through shared memory (the pointer loads of the words feed no dot directly, so they
-    are not pipelined: one step's latency per step)."""
+    are not pipelined: one step's latency per step).
+    SCALE_AFTER (steps within one group only): the weights enter the dot as the exact q - z and the step's
+    fp32 product is scaled per row afterwards, on the accumulator: no packed multiply per code pair (SASS
+    of the K loop compiled offline: 4.1 instead of 5.6 instructions per code at M = 16; not yet timed)."""
     CPW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GS // CPW
     HI: tl.constexpr = 12 if BITS == 4 else 16
@@ -486,9 +508,13 @@ def _wq_gemm_kernel(X, QW, S, Z, B, Y, WS, CNT, M, N, K, wpr, stride_xm, stride_
             w = tl.load(QW + rn[:, None] * wpr + word[None, :], mask=nmask[:, None] & wmask[None, :], other=0)
         s, z = _step_scales(S, Z, t, word, wmask, rn, nmask, N, BITS, HAS_ZERO, BLOCK_N, BLOCK_W, WPG, EVEN)
         if ASM:
-            c = _dq4_asm(w, tl.broadcast_to(s.to(Y.dtype.element_ty), (BLOCK_N, BLOCK_W)),
-                         tl.broadcast_to((-(z + (1024.0 if FP16 else 128.0))).to(Y.dtype.element_ty),
-                                         (BLOCK_N, BLOCK_W)), FP16)
+            mz = tl.broadcast_to((-(z + (1024.0 if FP16 else 128.0))).to(Y.dtype.element_ty), (BLOCK_N, BLOCK_W))
+            if SCALE_AFTER:
+                c = _dq4q_asm(w, mz, FP16)
+            else:
+                c = _dq4_asm(w, tl.broadcast_to(s.to(Y.dtype.element_ty), (BLOCK_N, BLOCK_W)), mz, FP16)
+        elif SCALE_AFTER:
+            c = _codes_f(w, tl.full((BLOCK_N, 1), 1.0, tl.float32), z, BITS, HI, Y.dtype.element_ty)
         else:
             c = _codes_f(w, s, z * s, BITS, HI, Y.dtype.element_ty)
         # one dot over all BLOCK_W * CPW codes of the step, x in stored column order (CPW * word + i): one
@@ -501,7 +527,10 @@ def _wq_gemm_kernel(X, QW, S, Z, B, Y, WS, CNT, M, N, K, wpr, stride_xm, stride_
             xk = t * (BLOCK_W * CPW) + tl.arange(0, BLOCK_W * CPW)
             xt = tl.load(X + rm[:, None] * stride_xm + xk[None, :], mask=mmask[:, None] & (xk < K)[None, :],
                          other=0.0)
-        acc = tl.dot(wt, tl.trans(xt), acc)
+        if SCALE_AFTER:
+            acc += tl.dot(wt, tl.trans(xt)) * s
+        else:
+            acc = tl.dot(wt, tl.trans(xt), acc)
     omask = nmask[:, None] & mmask[None, :]
     out = rm[None, :] * stride_ym + rn[:, None]
     if SPLIT_K == 1:
@@ -655,11 +684,12 @@ def _scratch(p: WQPack, key: tuple, shape: tuple, n_tiles: int) -> tuple[torch.T
 
 def gemm(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block_m: int | None = None,
          block_n: int = 128, block_w: int | None = None, split_k: int = 1, num_warps: int = 4,
-         num_stages: int = 3, asm: bool = True, tma: bool = False) -> torch.Tensor:
+         num_stages: int = 3, asm: bool = True, tma: bool = False, scale_after: bool = False) -> torch.Tensor:
     """`asm`: 4-bit codes with integer zero points dequantized by packed half-float instructions
     (_dq4_asm); 8-bit codes, fractional zeros and asm=False take the fp32 path. x is read in the weights'
     stored column order (gathered only under act-order). `tma`: x and the words through the copy engine
-    (tma_reason says where it cannot)."""
+    (tma_reason says where it cannot). `scale_after`: scales applied to each step's product instead of to
+    every code (K steps must lie within one group; not used by dispatch until timed on a GPU)."""
     m = x2.shape[0]
     xp = x2 if p.perm is None else x2.index_select(1, p.perm)
     if tma and not xp.is_contiguous():
@@ -670,6 +700,9 @@ def gemm(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block
     if block_w is None:
         block_w = 16 if p.bits == 4 else 32
     cpw = 32 // p.bits
+    if scale_after and block_w > p.group // cpw:
+        raise ValueError(f"gemm: scale_after needs K steps within one group ({block_w} words per step, "
+                         f"{p.group // cpw} per group); use block_w <= {p.group // cpw}")
     m_blocks, n_blocks = triton.cdiv(m, block_m), triton.cdiv(p.n, block_n)
     split_k = max(1, min(split_k, triton.cdiv(p.k // cpw, block_w)))
     y = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
@@ -683,7 +716,7 @@ def gemm(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block
         xa, qa, p.scale, zero, b, y, ws, cnt, m, p.n, p.k, p.k // cpw, xp.stride(0), y.stride(0),
         BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k, ASM=asm and p.bits == 4 and p.int_zero, EVEN=even,
-        FP16=x2.dtype == torch.float16, TMA=tma, num_warps=num_warps,
+        FP16=x2.dtype == torch.float16, TMA=tma, SCALE_AFTER=scale_after, num_warps=num_warps,
         num_stages=num_stages)
     return y
 

@@ -10,7 +10,8 @@ large shapes), each loop's instruction count, instructions per code, and its mos
 loop printed is the K loop; later ones (LDG / STG / FADD heavy) are the split-K epilogue's.
 Session 7's reading: gemv1p 2.91 per code (floor of its half2 scheme ~1.6); the GEMM's K loop 5.6 per code at
 M = 16 and 64 (dequantization 1.9, PRMT code interleave 0.5, HMUL2 scales 0.5, address IMADs 0.6), about twice
-gemv1p's, as its time at M = 16 is (74-77 vs 36-39 us): issue-bound, not load-bound.
+gemv1p's, as its time at M = 16 is (74-77 vs 36-39 us): issue-bound, not load-bound. With scale_after
+(scales on each step's product): 4.1 at M = 16, 4.6 at M = 64 (untimed).
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def gemv1p(n: int, k: int, dump: Path | None) -> None:
     report(f"gemv1p_{n}x{k}", kern, bn * bw * 8 // (32 * warps), dump)
 
 
-def gemm(m: int, n: int, k: int, dump: Path | None) -> None:
+def gemm(m: int, n: int, k: int, dump: Path | None, scale_after: bool = False) -> None:
     cfg = kernels.gemm_config(m, n, k, 4)
     bm, bn, bw, warps = cfg["block_m"], cfg["block_n"], cfg["block_w"], cfg["num_warps"]
     if cfg["tma"]:
@@ -94,9 +95,9 @@ def gemm(m: int, n: int, k: int, dump: Path | None) -> None:
     sig = {"X": x, "QW": qw, "S": "*fp16", "Z": "*fp16", "B": "*fp16", "Y": "*bf16", "WS": "*fp32", "CNT": "*i32",
            "M": "i32", "N": "i32", "K": "i32", "wpr": "i32", "stride_xm": "i32", "stride_ym": "i32"}
     consts = dict(BITS=4, GS=128, HAS_ZERO=True, HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw,
-                  SPLIT_K=cfg["split_k"], ASM=True, EVEN=True, FP16=False, TMA=cfg["tma"])
+                  SPLIT_K=cfg["split_k"], ASM=True, EVEN=True, FP16=False, TMA=cfg["tma"], SCALE_AFTER=scale_after)
     kern = compile_kernel(triton_wq._wq_gemm_kernel, sig, consts, num_warps=warps, num_stages=cfg["num_stages"])
-    report(f"gemm_m{m}_{n}x{k}", kern, bn * bw * 8 // (32 * warps), dump)
+    report(f"gemm_m{m}_{n}x{k}" + ("_scale_after" if scale_after else ""), kern, bn * bw * 8 // (32 * warps), dump)
 
 
 def main() -> None:
@@ -109,6 +110,7 @@ def main() -> None:
         gemv1p(n, k, args.dump)
         for m in (16, 64):
             gemm(m, n, k, args.dump)
+            gemm(m, n, k, args.dump, scale_after=True)
 
 
 if __name__ == "__main__":

@@ -230,7 +230,7 @@ def run_shape(n: int, k: int, ms: list[int], tuned: dict) -> list[dict]:
             else:
                 fns = [lambda p=p: triton_wq.dequant_matmul(x, p, None) for p in packs]
             timed(r, f"w4_{name}", fns)
-            if name == "triton_gemm" and kernels.gemm_config(m, n, k)["tma"] and m <= 256:
+            if name == "triton_gemm" and kernels.gemm_config(m, n, k).get("tma") and m <= 256:
                 cfg = {**kernels.gemm_config(m, n, k), "tma": False}   # the same launch on pointer loads
                 timed(r, "w4_triton_gemm_ptr", [lambda p=p, x=x, cfg=cfg: triton_wq.gemm(x, p, None, **cfg)
                                                 for p in packs])

@@ -387,7 +387,7 @@ def gemv1p_config(n: int, k: int, bits: int = 4) -> dict:
         split, progs, _ = split_for(64, 16, 4)
         if progs >= 512:
             return {"block_n": 64, "block_w": 16, "split_k": split, "num_warps": 1, "pipe": 3, "tma": True}
-    split, progs, per = split_for(64, 32, 2)
+    split, progs, _ = split_for(64, 32, 2)
     if progs >= 768:
         return {"block_n": 64, "block_w": 32, "split_k": split, "num_warps": 1}
     split, _, _ = split_for(32, 16, 2)

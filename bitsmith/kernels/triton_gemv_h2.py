@@ -257,7 +257,9 @@ def gemv1p(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, blo
     """M = 1 only; x in stored column order (permuted only under act-order). block_w: words per K step, a
     multiple of 4 (default: one g128 group, 16 words at 4 bits, 32 at 8). pipe: 0 = the next step's words
     loaded into registers ahead (255 registers at 64 x 32); n > 0 = Triton's n-stage cp.async pipeline
-    through shared memory (123 registers at 64 x 32, 3 stages: twice the warps per SM)."""
+    through shared memory (123 registers at 64 x 32, 3 stages: twice the warps per SM). tma: the word tiles
+    through the copy engine instead, pipe (at least 2) stages deep (the 4-bit dispatch launch: 64 x 16, 3
+    stages, 128 registers)."""
     why = unsupported(p)
     if why is not None:
         raise ValueError(f"gemv1p: {why}")

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .layout import HALF2_UNIT as U  # words per unit: one fp16 partial sum, one x scale
 from .layout import WQPack, gemv1p_reason
-from .triton_wq import _m1_start, _m1_words, _store_rows, m1_launch, words_descriptor
+from .triton_wq import _m1_run, _m1_start, _m1_words, _store_rows, m1_launch, words_descriptor
 
 
 def _xprep_ptx(bits: int, fp16: bool) -> str:
@@ -179,13 +179,7 @@ def _wq_gemv1p_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, BITS: tl.constexpr,
     WPG: tl.constexpr = GS // CPW
     NU: tl.constexpr = BLOCK_W // 4
     if TMA:
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        steps = tl.cdiv(wpr, BLOCK_W)
-        per = tl.cdiv(steps, SPLIT_K)
-        t0 = pid_k * per
-        t1 = tl.minimum(t0 + per, steps)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        pid_n, pid_k, t0, t1, _, rn = _m1_run(wpr, BLOCK_N, BLOCK_W, SPLIT_K)
         nmask = rn < N
         w = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
     else:

@@ -306,11 +306,9 @@ def _m1_words(rows, word, nmask, wpr, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _m1_start(QW, N, wpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
-              EVEN: tl.constexpr):
-    """Program (pid_n, pid_k) of the one-launch M = 1 GEMVs (gemv1h, gemv1p): its BLOCK_N rows, its
-    contiguous run [t0, t1) of K steps of BLOCK_W words, and the words of its first step (clamped to the
-    last step: no predicate), loaded ahead as the loop loads each next step."""
+def _m1_run(wpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Program (pid_n, pid_k) of the one-launch M = 1 GEMVs: its contiguous run [t0, t1) of the row's
+    `steps` K steps of BLOCK_W words, and its BLOCK_N rows rn."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     steps = tl.cdiv(wpr, BLOCK_W)
@@ -318,6 +316,16 @@ def _m1_start(QW, N, wpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K:
     t0 = pid_k * per
     t1 = tl.minimum(t0 + per, steps)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_n, pid_k, t0, t1, steps, rn
+
+
+@triton.jit
+def _m1_start(QW, N, wpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
+              EVEN: tl.constexpr):
+    """Program (pid_n, pid_k) of the one-launch M = 1 GEMVs (gemv1h, gemv1p): its BLOCK_N rows, its
+    contiguous run [t0, t1) of K steps of BLOCK_W words, and the words of its first step (clamped to the
+    last step: no predicate), loaded ahead as the loop loads each next step."""
+    pid_n, pid_k, t0, t1, steps, rn = _m1_run(wpr, BLOCK_N, BLOCK_W, SPLIT_K)
     rw = tl.arange(0, BLOCK_W)
     nmask = rn < N
     rows = QW + rn[:, None] * wpr
@@ -464,6 +472,28 @@ def _interleave(c, CPW: tl.constexpr):
 
 
 @triton.jit
+def _dq_tile(w, s, z, BITS: tl.constexpr, ASM: tl.constexpr, FP16: tl.constexpr, SCALED: tl.constexpr,
+             dt: tl.constexpr):
+    """A (BLOCK_N, BLOCK_W) tile of words -> the (BLOCK_N, BLOCK_W * CPW) weights in stored column order
+    (CPW * word + i), in dtype dt: (q - z) * s, or the exact q - z when not SCALED. ASM: 4-bit codes with
+    integer zero points by packed half-float instructions (_dq4_asm); else the fp32 path (_codes_f).
+    s, z: fp32, (BLOCK_N, 1) or (BLOCK_N, BLOCK_W) (_step_scales)."""
+    CPW: tl.constexpr = 32 // BITS
+    HI: tl.constexpr = 12 if BITS == 4 else 16
+    if ASM:
+        mz = tl.broadcast_to((-(z + (1024.0 if FP16 else 128.0))).to(dt), w.shape)
+        if SCALED:
+            c = _dq4_asm(w, tl.broadcast_to(s.to(dt), w.shape), mz, FP16)
+        else:
+            c = _dq4q_asm(w, mz, FP16)
+    elif SCALED:
+        c = _codes_f(w, s, z * s, BITS, HI, dt)
+    else:
+        c = _codes_f(w, tl.full(s.shape, 1.0, tl.float32), z, BITS, HI, dt)
+    return tl.reshape(_interleave(c, CPW), (w.shape[0], w.shape[1] * CPW))
+
+
+@triton.jit
 def _wq_gemm_kernel(X, QW, S, Z, B, Y, WS, CNT, M, N, K, wpr, stride_xm, stride_ym,
                       BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -485,7 +515,6 @@ def _wq_gemm_kernel(X, QW, S, Z, B, Y, WS, CNT, M, N, K, wpr, stride_xm, stride_
     of the K loop compiled offline: 4.1 instead of 5.6 instructions per code at M = 16; not yet timed)."""
     CPW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GS // CPW
-    HI: tl.constexpr = 12 if BITS == 4 else 16
     pid_m = tl.program_id(0)                     # fastest: programs sharing a weight tile run together (L2)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -507,20 +536,10 @@ def _wq_gemm_kernel(X, QW, S, Z, B, Y, WS, CNT, M, N, K, wpr, stride_xm, stride_
         else:
             w = tl.load(QW + rn[:, None] * wpr + word[None, :], mask=nmask[:, None] & wmask[None, :], other=0)
         s, z = _step_scales(S, Z, t, word, wmask, rn, nmask, N, BITS, HAS_ZERO, BLOCK_N, BLOCK_W, WPG, EVEN)
-        if ASM:
-            mz = tl.broadcast_to((-(z + (1024.0 if FP16 else 128.0))).to(Y.dtype.element_ty), (BLOCK_N, BLOCK_W))
-            if SCALE_AFTER:
-                c = _dq4q_asm(w, mz, FP16)
-            else:
-                c = _dq4_asm(w, tl.broadcast_to(s.to(Y.dtype.element_ty), (BLOCK_N, BLOCK_W)), mz, FP16)
-        elif SCALE_AFTER:
-            c = _codes_f(w, tl.full((BLOCK_N, 1), 1.0, tl.float32), z, BITS, HI, Y.dtype.element_ty)
-        else:
-            c = _codes_f(w, s, z * s, BITS, HI, Y.dtype.element_ty)
         # one dot over all BLOCK_W * CPW codes of the step, x in stored column order (CPW * word + i): one
         # wide MMA chain and one contiguous x tile per step instead of CPW narrow dots over a gathered x
         # (measured ~15% faster on an H200 at M = 16, README)
-        wt = tl.reshape(_interleave(c, CPW), (BLOCK_N, BLOCK_W * CPW))
+        wt = _dq_tile(w, s, z, BITS, ASM, FP16, not SCALE_AFTER, Y.dtype.element_ty)
         if TMA:
             xt = X.load([pid_m * BLOCK_M, t * (BLOCK_W * CPW)])
         else:
@@ -561,7 +580,6 @@ def _wq_dequant_s_kernel(QW, S, Z, W, N, K, wpr, BITS: tl.constexpr, GS: tl.cons
     the matmul then reads x where it lies (gathered only under act-order)."""
     CPW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GS // CPW
-    HI: tl.constexpr = 12 if BITS == 4 else 16
     t = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     word = t * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -569,13 +587,7 @@ def _wq_dequant_s_kernel(QW, S, Z, W, N, K, wpr, BITS: tl.constexpr, GS: tl.cons
     wmask = word < wpr
     w = tl.load(QW + rn[:, None] * wpr + word[None, :], mask=nmask[:, None] & wmask[None, :], other=0)
     s, z = _step_scales(S, Z, t, word, wmask, rn, nmask, N, BITS, HAS_ZERO, BLOCK_N, BLOCK_W, WPG, False)
-    if ASM:
-        c = _dq4_asm(w, tl.broadcast_to(s.to(W.dtype.element_ty), (BLOCK_N, BLOCK_W)),
-                     tl.broadcast_to((-(z + (1024.0 if FP16 else 128.0))).to(W.dtype.element_ty),
-                                     (BLOCK_N, BLOCK_W)), FP16)
-    else:
-        c = _codes_f(w, s, z * s, BITS, HI, W.dtype.element_ty)
-    wt = tl.reshape(_interleave(c, CPW), (BLOCK_N, BLOCK_W * CPW))
+    wt = _dq_tile(w, s, z, BITS, ASM, FP16, True, W.dtype.element_ty)
     col = t * (BLOCK_W * CPW) + tl.arange(0, BLOCK_W * CPW)
     tl.store(W + rn[:, None] * K + col[None, :], wt, mask=nmask[:, None] & (col < K)[None, :])
 
@@ -585,6 +597,12 @@ def permute_x(x2: torch.Tensor, p: WQPack) -> torch.Tensor:
     """x in the kernels' column order: position i * K/CPW + j holds the column of code i of word j (after
     act-order). Code i of consecutive words then meets consecutive x, so every load of x is contiguous."""
     return x2.index_select(1, p.xidx)
+
+
+def stored_x(x2: torch.Tensor, p: WQPack) -> torch.Tensor:
+    """x in the codes' stored column order: x itself, gathered only under act-order (stored column j is
+    original column perm[j])."""
+    return x2 if p.perm is None else x2.index_select(1, p.perm)
 
 
 def _operands(p: WQPack, bias: torch.Tensor | None):
@@ -614,7 +632,7 @@ def gemv(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block
 def gemv1(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block_n: int = 32,
           block_g: int = 2, split_k: int = 1, num_warps: int = 4) -> torch.Tensor:
     """M = 1 only: the one-launch GEMV (x in stored column order; permuted only under act-order)."""
-    x = x2 if p.perm is None else x2.index_select(1, p.perm)
+    x = stored_x(x2, p)
     zero, b = _operands(p, bias)
     block_g = min(block_g, triton.next_power_of_2(p.k // p.group))
     y = torch.empty(1, p.n, device=x2.device, dtype=x2.dtype)
@@ -657,7 +675,7 @@ def m1_launch(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None, tag: str, 
     """The host set-up shared by the one-launch M = 1 GEMVs (gemv1h here, gemv1p in triton_gemv_h2): x in
     stored column order (gathered only under act-order), the K step (default one g128 group: 16 words at
     4 bits, 32 at 8) and split clamped to the row, the output, the split-K scratch (kept per kernel `tag`)."""
-    x = x2 if p.perm is None else x2.index_select(1, p.perm)
+    x = stored_x(x2, p)
     if not x.is_contiguous():
         x = x.contiguous()
     zero, b = _operands(p, bias)
@@ -691,7 +709,7 @@ def gemm(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block
     (tma_reason says where it cannot). `scale_after`: scales applied to each step's product instead of to
     every code (K steps must lie within one group; not used by dispatch until timed on a GPU)."""
     m = x2.shape[0]
-    xp = x2 if p.perm is None else x2.index_select(1, p.perm)
+    xp = stored_x(x2, p)
     if tma and not xp.is_contiguous():
         xp = xp.contiguous()
     zero, b = _operands(p, bias)
@@ -768,7 +786,7 @@ def dequant_matmul(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None
     """Large M: the dense weight in stored column order, then cuBLAS on x (gathered only under act-order).
     Against the earlier x_pi-order dequantization (fp32 per code, CPW strided stores, x gathered every
     call): 5-30% faster on the issue shapes at M = 16-2048 (sweep-tma.json)."""
-    x = x2 if p.perm is None else x2.index_select(1, p.perm)
+    x = stored_x(x2, p)
     return torch.nn.functional.linear(x, dequantize_stored(p, x2.dtype, **cfg), bias)
 
 

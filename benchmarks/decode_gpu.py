@@ -11,6 +11,10 @@ Variants (explicit options of the model, the same for bf16 and the quantized mod
          weight computes the three / two products bit-for-bit; here the weights are random anyway)
   head   the lm_head quantized with the blocks' scheme (default: bf16)
   glue   residual add + RMSNorm and SiLU * up as one Triton launch each (decode_glue.py)
+  attn   the attention of the step as one Triton launch that also writes k, v into the cache
+         (decode_glue.decode_attention), instead of two cache copies + SDPA
+  pdl    the glue kernels and bitsmith's M = 1 GEMV launched as programmatic dependent launches (Hopper:
+         kernels.set_pdl); cuBLAS's bf16 GEMVs are launched as torch launches them
 `kernel` forces one weight-only kernel for the quantized linears (a kernels policy; "auto" = dispatch).
 --profile adds, per quantized/bf16 model at batch 1, torch.profiler's CUDA kernel time per step (eager
 steps, so the kernel times are those of the graph without its launch gaps).
@@ -33,7 +37,7 @@ LLAMA3_8B = {"layers": 32, "d": 4096, "ff": 14336, "heads": 32, "kv": 8, "vocab"
 CTX = 512
 
 
-VARIANT_FLAGS = ("plain", "fused", "head", "glue")
+VARIANT_FLAGS = ("plain", "fused", "head", "glue", "attn", "pdl")
 
 
 def flags(variant: str) -> set[str]:
@@ -63,6 +67,7 @@ class Block(nn.Module):
         super().__init__()
         d, hd = c["d"], c["d"] // c["heads"]
         self.c, self.hd, self.fused, self.glue = c, hd, "fused" in f, "glue" in f
+        self.attn, self.pdl = "attn" in f, "pdl" in f
         if self.fused:
             self.qkv = linear(d, d + 2 * c["kv"] * hd, scheme, device)
             self.gateup = linear(d, 2 * c["ff"], scheme, device)
@@ -91,14 +96,17 @@ class Block(nn.Module):
             q, k, v = qkv.split([c["d"], c["kv"] * hd, c["kv"] * hd], dim=-1)
         else:
             q, k, v = self.q(h), self.k(h), self.v(h)
-        q = q.reshape(b, c["heads"], 1, hd)
-        self.kc[:, :, CTX] = k.reshape(b, c["kv"], hd)
-        self.vc[:, :, CTX] = v.reshape(b, c["kv"], hd)
-        a = F.scaled_dot_product_attention(q, self.kc, self.vc, enable_gqa=True).reshape(b, -1)
+        if self.attn:
+            a = glue.decode_attention(q, k, v, self.kc, self.vc, CTX, c["heads"], pdl=self.pdl)
+        else:
+            q = q.reshape(b, c["heads"], 1, hd)
+            self.kc[:, :, CTX] = k.reshape(b, c["kv"], hd)
+            self.vc[:, :, CTX] = v.reshape(b, c["kv"], hd)
+            a = F.scaled_dot_product_attention(q, self.kc, self.vc, enable_gqa=True).reshape(b, -1)
         if self.glue:
-            h = glue.add_rmsnorm(x, self.o(a), self.n2)
+            h = glue.add_rmsnorm(x, self.o(a), self.n2, self.pdl)
             gu = self.gateup(h) if self.fused else torch.cat([self.gate(h), self.up(h)], -1)
-            return self.down(glue.silu_mul(gu))
+            return self.down(glue.silu_mul(gu, self.pdl))
         x = x + self.o(a)
         h = self.n2(x)
         if self.fused:
@@ -113,7 +121,7 @@ class Decoder(nn.Module):
                  variant: str = "plain") -> None:
         super().__init__()
         f = flags(variant)
-        self.glue = "glue" in f
+        self.glue, self.pdl = "glue" in f, "pdl" in f
         self.emb = nn.Embedding(c["vocab"], c["d"], device=device, dtype=torch.bfloat16)
         self.blocks = nn.ModuleList(Block(c, scheme, batch, device, f) for _ in range(c["layers"]))
         self.norm = nn.RMSNorm(c["d"], device=device, dtype=torch.bfloat16)
@@ -127,8 +135,8 @@ class Decoder(nn.Module):
             return self.head(self.norm(x)).argmax(-1)
         r = None                                                  # each block's down projection, added late
         for blk in self.blocks:
-            r = blk(x, glue.add_rmsnorm(x, r, blk.n1))
-        return self.head(glue.add_rmsnorm(x, r, self.norm)).argmax(-1)
+            r = blk(x, glue.add_rmsnorm(x, r, blk.n1, self.pdl))
+        return self.head(glue.add_rmsnorm(x, r, self.norm, self.pdl)).argmax(-1)
 
 
 @torch.no_grad()
@@ -199,6 +207,8 @@ def gpu(config: dict = LLAMA3_8B, batches=(1, 16), device: str = "cuda", graph: 
                     if pol in kernels.M1_KERNELS and batch != 1:
                         continue
                     kernels.set_policy(pol)
+                    kernels.set_pdl("pdl" in flags(variant))
+                    model = None
                     try:
                         model = Decoder(config, scheme, batch, device, variant)
                         ms = step_ms(model, batch, device, graph)
@@ -210,8 +220,12 @@ def gpu(config: dict = LLAMA3_8B, batches=(1, 16), device: str = "cuda", graph: 
                                 row["profile"] = profile_step(model, batch, device)
                             except Exception as e:           # noqa: BLE001 - the timing stands without it
                                 row["profile_error"] = str(e)[:300]
+                    except Exception as e:                   # noqa: BLE001 - a failing variant is a result
+                        row = {"model": label, "variant": variant, "policy": pol, "batch": batch,
+                               "error": f"{type(e).__name__}: {str(e)[:300]}"}
                     finally:
                         kernels.set_policy(None)
+                        kernels.set_pdl(None)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     del model

@@ -252,6 +252,51 @@ def test_gemv1_split_k_is_deterministic_and_reusable(act_order, bits):
 
 @gpu
 @pytest.mark.parametrize("bits", [4, 8])
+def test_gemv1p_programmatic_dependent_launch_chains_correctly(bits):
+    """gemv1p launched with PDL (programs scheduled while the kernel before runs, waiting for it before
+    reading x): a chain of layers, each reading the one before's output, matches the reference eagerly and
+    replayed from a CUDA graph, with and without weights prefetched to L2 before the wait."""
+    from bitsmith.kernels import triton_gemv_h2, triton_wq
+    if triton_wq.pdl_reason(torch.device("cuda")) is not None:
+        pytest.skip(triton_wq.pdl_reason(torch.device("cuda")))
+    layers = []
+    for seed in range(3):
+        mod, qw = make_layer(2048, Scheme(bits=bits, group_size=128), False, seed=10 + seed, n=2048)
+        mod = mod.cuda()
+        qw = dataclasses.replace(qw, codes=qw.codes.cuda(), scale=qw.scale.cuda(), zero=qw.zero.cuda())
+        layers.append((kernels.operands(mod, "triton_gemv1p"), qw))
+    x = torch.randn(1, 2048, device="cuda").to(torch.float16)
+    refs, h = [], x
+    for _, qw in layers:
+        h = reference.weight_only_linear(h, qw, None)
+        h = h / h.abs().max()                  # keep the chain's activations in range (the same op below)
+        refs.append(h)
+    for cfg in [{"block_n": 64, "block_w": 16, "split_k": 4, "pipe": 3, "tma": True, "prefetch": 2},
+                {"block_n": 64, "block_w": 16, "split_k": 2, "pipe": 3, "tma": True, "prefetch": 0},
+                {"block_n": 32, "block_w": 16, "split_k": 3, "pipe": 3, "tma": True, "prefetch": 8},
+                {"block_n": 64, "block_w": 32, "split_k": 2}]:
+        def chain():
+            outs, h = [], x
+            for pack, _ in layers:
+                h = triton_gemv_h2.gemv1p(h, pack, None, **cfg, pdl=True)
+                h = h / h.abs().max()
+                outs.append(h)
+            return outs
+        for out, ref in zip(chain(), refs):
+            assert_matches(out, ref)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs = chain()
+        for _ in range(3):
+            g.replay()
+            torch.cuda.synchronize()
+            for out, ref in zip(outs, refs):
+                assert_matches(out, ref)
+
+
+@gpu
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemv1p_keeps_large_and_small_activations(bits, dtype):
     """The half2 GEMV scales x per 4-word unit by a power of two: activations near the fp16 limit (bf16: far

@@ -84,6 +84,24 @@ def policy() -> str:
     return _policy or os.environ.get("BITSMITH_KERNELS", "auto")
 
 
+_pdl: bool | None = None
+
+
+def set_pdl(flag: bool | None) -> None:
+    """Launch the M = 1 GEMV (gemv1p) as a programmatic dependent launch where the GPU can (True), never
+    (False), or follow $BITSMITH_PDL again (None; "1" = on, default off)."""
+    global _pdl
+    _pdl = flag
+
+
+def pdl() -> bool:
+    """Whether dispatch asks for programmatic dependent launches (set_pdl, $BITSMITH_PDL). Such a launch lets
+    the GPU schedule a GEMV's programs while the kernel before it finishes; they fetch weights ahead and wait
+    for it before reading x. It pays where kernels follow each other closely (a decode step in a CUDA
+    graph); on its own a launch is no faster (README)."""
+    return _pdl if _pdl is not None else os.environ.get("BITSMITH_PDL", "0") == "1"
+
+
 def _triton_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
@@ -276,6 +294,8 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
         if name == "triton_gemv1p" and m == 1:
             from . import triton_gemv_h2
             cfg = _tma_checked(gemv1p_config(module.n, module.k, module.scheme.bits), x2, pack)
+            if pdl() and _pdl_ok(x2.device):
+                cfg = {**cfg, "pdl": True, "prefetch": int(os.environ.get("BITSMITH_PDL_PREFETCH", "2"))}
             y = triton_gemv_h2.gemv1p(x2, pack, bias, **cfg)
         elif name == "triton_gemv1h" and m == 1:
             y = triton_wq.gemv1h(x2, pack, bias, **gemv1h_config(module.n, module.k, module.scheme.bits))
@@ -293,6 +313,12 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
     else:
         y = _cpu.linear(x2, pack, bias)
     return y.view(*x.shape[:-1], module.n)
+
+
+@lru_cache(maxsize=None)
+def _pdl_ok(device: torch.device) -> bool:
+    from . import triton_wq
+    return triton_wq.pdl_reason(device) is None
 
 
 def _tma_checked(cfg: dict, x2: torch.Tensor, pack) -> dict:

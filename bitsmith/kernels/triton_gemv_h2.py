@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .layout import HALF2_UNIT as U  # words per unit: one fp16 partial sum, one x scale
 from .layout import WQPack, gemv1p_reason
@@ -119,6 +120,9 @@ _C_XP4 = tl.constexpr("=r," * 17 + ",".join(["r"] * 16))      # inline-asm const
 _C_XP8 = tl.constexpr("=r," * 9 + ",".join(["r"] * 8))
 _C_DOT4 = tl.constexpr("=r," + ",".join(["r"] * 22))
 _C_DOT8 = tl.constexpr("=r," + ",".join(["r"] * 13))
+# L2 prefetch of one contiguous byte range per element (Hopper's bulk prefetch: 16-byte aligned, 16-byte
+# multiple); the dummy output keeps the op in the graph
+_L2PF = tl.constexpr("cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;")
 _ZPK = tl.constexpr("{\n.reg .f32 t;\n.reg .b16 h;\nadd.f32 t, $1, $2;\ncvt.rn.f16.f32 h, t;\n"
                     "mov.b32 $0, {h, h};\n}")
 
@@ -165,16 +169,35 @@ def _zpk(z, off: tl.constexpr):
 
 
 @triton.jit
-def _wq_gemv1p_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, BITS: tl.constexpr, GS: tl.constexpr,
+def _pdl_start(QP, rn, N, wpr, t0, t1, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr):
+    """Programmatic dependent launch: let the next kernel in the stream be scheduled now (its programs wait
+    in their own _pdl_start), start fetching this program's first PREFETCH K steps of words into L2 (the
+    weights do not depend on the kernel before), then wait until that kernel has finished and its writes
+    (x) are visible. Nothing is read from or written to memory another kernel produces or reads before
+    the wait."""
+    gdc_launch_dependents()
+    if PREFETCH > 0:
+        a = QP + tl.minimum(rn, N - 1).to(tl.int64) * wpr + t0 * BLOCK_W
+        nb = tl.full(rn.shape, 0, tl.int32) + tl.minimum(t1 - t0, PREFETCH) * (BLOCK_W * 4)
+        tl.inline_asm_elementwise(_L2PF, "=r,l,r", [a, nb], dtype=tl.int32, is_pure=False, pack=1)
+    gdc_wait()
+
+
+@triton.jit
+def _wq_gemv1p_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, QP, BITS: tl.constexpr, GS: tl.constexpr,
                       HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr, FP16: tl.constexpr,
-                      PIPE: tl.constexpr = 0, TMA: tl.constexpr = False):
+                      PIPE: tl.constexpr = 0, TMA: tl.constexpr = False, PDL: tl.constexpr = False,
+                      PREFETCH: tl.constexpr = 0):
     """Program (pid_n, pid_k) owns BLOCK_N rows and a contiguous run of K steps of BLOCK_W words, as
     triton_wq._wq_gemv1m_kernel (flat tile, next step's words in flight, split K reduced by the last program
     of a row block). Each step is BLOCK_W / U units of U words; per unit and row one fp16 partial sum.
     PIPE > 0: no register prefetch; Triton pipelines the step loads PIPE deep through shared memory.
     TMA (with PIPE > 0): QW is a tensor descriptor of (BLOCK_N, BLOCK_W) word tiles, fetched by the copy
-    engine PIPE deep (no per-thread address work, edges zero-filled)."""
+    engine PIPE deep (no per-thread address work, edges zero-filled).
+    PDL (Hopper; launched with launch_pdl): _pdl_start, with PREFETCH steps of words sent to L2 ahead
+    (TMA launches; the pointer launches load their first step into registers before the wait instead).
+    QP: the words as a pointer (QW itself unless TMA)."""
     CPW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GS // CPW
     NU: tl.constexpr = BLOCK_W // 4
@@ -182,8 +205,12 @@ def _wq_gemv1p_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, BITS: tl.constexpr,
         pid_n, pid_k, t0, t1, _, rn = _m1_run(wpr, BLOCK_N, BLOCK_W, SPLIT_K)
         nmask = rn < N
         w = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
+        if PDL:
+            _pdl_start(QP, rn, N, wpr, t0, t1, BLOCK_W, PREFETCH)
     else:
         pid_n, pid_k, t0, t1, rn, rw, nmask, rows, w = _m1_start(QW, N, wpr, BLOCK_N, BLOCK_W, SPLIT_K, EVEN)
+        if PDL:
+            _pdl_start(QP, rn, N, wpr, t0, t1, BLOCK_W, 0)
     ru = tl.arange(0, NU)
     xw = X.to(tl.pointer_type(tl.int32), bitcast=True)                      # x as pairs of 16-bit values
     acc = tl.zeros((BLOCK_N, NU), dtype=tl.float32)
@@ -247,13 +274,16 @@ def unsupported(p: WQPack) -> str | None:
 
 def gemv1p(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block_n: int = 64,
            block_w: int | None = None, split_k: int = 1, num_warps: int = 1, pipe: int = 0,
-           tma: bool = False) -> torch.Tensor:
+           tma: bool = False, pdl: bool = False, prefetch: int = 0) -> torch.Tensor:
     """M = 1 only; x in stored column order (permuted only under act-order). block_w: words per K step, a
     multiple of 4 (default: one g128 group, 16 words at 4 bits, 32 at 8). pipe: 0 = the next step's words
     loaded into registers ahead (255 registers at 64 x 32); n > 0 = Triton's n-stage cp.async pipeline
     through shared memory (123 registers at 64 x 32, 3 stages: twice the warps per SM). tma: the word tiles
     through the copy engine instead, pipe (at least 2) stages deep (the 4-bit dispatch launch: 64 x 16, 3
-    stages, 128 registers)."""
+    stages, 128 registers). pdl: launched as a programmatic dependent launch (Hopper; triton_wq.pdl_reason):
+    the next kernel may start while this one runs, and this one's programs start while the kernel before
+    finishes, each waiting for it before reading x; prefetch: with tma, K steps of words each program
+    sends to L2 before that wait."""
     why = unsupported(p)
     if why is not None:
         raise ValueError(f"gemv1p: {why}")
@@ -262,8 +292,9 @@ def gemv1p(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, blo
     if tma:
         qa, pipe = words_descriptor(p, block_n, L.block_w), max(pipe, 2)
     _wq_gemv1p_kernel[(L.n_blocks, L.split_k)](L.x, qa, p.scale, L.zero, L.b, L.y, L.ws, L.cnt, p.n, p.k, L.wpr,
-                                               BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None,
+                                               p.qw, BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None,
                                                HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_W=L.block_w,
                                                SPLIT_K=L.split_k, EVEN=L.even, FP16=x2.dtype == torch.float16,
-                                               PIPE=pipe, TMA=tma, num_warps=num_warps)
+                                               PIPE=pipe, TMA=tma, PDL=pdl, PREFETCH=prefetch if tma and pdl else 0,
+                                               num_warps=num_warps, launch_pdl=pdl)
     return L.y

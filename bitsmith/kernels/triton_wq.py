@@ -739,6 +739,14 @@ def gemm(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block
     return y
 
 
+def pdl_reason(device: torch.device) -> str | None:
+    """Why a kernel cannot be launched as a programmatic dependent launch here (None when it can): the
+    grid dependency control instructions need Hopper (compute capability 9.0) or newer."""
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return "programmatic dependent launch needs compute capability 9.0 or newer"
+    return None
+
+
 def tma_reason(x2: torch.Tensor, p: WQPack) -> str | None:
     """Why the copy-engine (TMA) launches cannot run (None when they can): a tensor map needs a Hopper or
     newer GPU, 16-byte aligned bases and row strides in multiples of 16 bytes."""

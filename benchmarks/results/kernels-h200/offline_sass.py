@@ -73,16 +73,19 @@ def report(name: str, k, codes_per_iter: int, dump: Path | None) -> None:
               f"{len(body) / codes_per_iter:.2f} per code; " + ", ".join(f"{o} {c}" for o, c in ops.most_common(12)))
 
 
-def gemv1p(n: int, k: int, dump: Path | None) -> None:
-    cfg = kernels.gemv1p_config(n, k, 4)
+def gemv1p(n: int, k: int, dump: Path | None, pdl: int = -1, bits: int = 4) -> None:
+    """pdl >= 0: the programmatic-dependent-launch variant with that many steps prefetched to L2."""
+    cfg = kernels.gemv1p_config(n, k, bits)
     bn, bw, warps = cfg["block_n"], cfg["block_w"], cfg["num_warps"]
     qw = f"tensordesc<i32[{bn}, {bw}]>" if cfg.get("tma") else "*i32"
     sig = {"X": "*bf16", "QW": qw, "S": "*fp16", "Z": "*fp16", "B": "*fp16", "Y": "*bf16", "WS": "*fp32",
-           "CNT": "*i32", "N": "i32", "K": "i32", "wpr": "i32"}
-    consts = dict(BITS=4, GS=128, HAS_ZERO=True, HAS_BIAS=False, BLOCK_N=bn, BLOCK_W=bw, SPLIT_K=cfg["split_k"],
-                  EVEN=True, FP16=False, PIPE=cfg.get("pipe", 0), TMA=bool(cfg.get("tma")))
-    kern = compile_kernel(triton_gemv_h2._wq_gemv1p_kernel, sig, consts, num_warps=warps)
-    report(f"gemv1p_{n}x{k}", kern, bn * bw * 8 // (32 * warps), dump)
+           "CNT": "*i32", "N": "i32", "K": "i32", "wpr": "i32", "QP": "*i32"}
+    consts = dict(BITS=bits, GS=128 if bits == 4 else k, HAS_ZERO=bits == 4, HAS_BIAS=False, BLOCK_N=bn,
+                  BLOCK_W=bw, SPLIT_K=cfg["split_k"], EVEN=True, FP16=False, PIPE=cfg.get("pipe", 0),
+                  TMA=bool(cfg.get("tma")), PDL=pdl >= 0, PREFETCH=max(pdl, 0))
+    kern = compile_kernel(triton_gemv_h2._wq_gemv1p_kernel, sig, consts, num_warps=warps, launch_pdl=pdl >= 0)
+    report(f"gemv1p_{n}x{k}_w{bits}" + (f"_pdl{pdl}" if pdl >= 0 else ""), kern, bn * bw * 32 // bits // (32 * warps),
+           dump)
 
 
 def gemm(m: int, n: int, k: int, dump: Path | None, scale_after: bool = False) -> None:
@@ -103,9 +106,16 @@ def gemm(m: int, n: int, k: int, dump: Path | None, scale_after: bool = False) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dump", type=Path, help="also write each launch's SASS into this folder")
+    ap.add_argument("--pdl", action="store_true", help="only the M = 1 launches, with and without PDL")
     args = ap.parse_args()
     if args.dump:
         args.dump.mkdir(parents=True, exist_ok=True)
+    if args.pdl:
+        for n, k in [(4096, 4096), (28672, 4096)]:
+            for bits in (4, 8):
+                for pdl in (-1, 0, 2):
+                    gemv1p(n, k, args.dump, pdl, bits)
+        return
     for n, k in [(28672, 8192), (8192, 28672)]:
         gemv1p(n, k, args.dump)
         for m in (16, 64):

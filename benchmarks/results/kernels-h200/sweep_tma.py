@@ -7,6 +7,8 @@
   M = 2048:     the TMA GEMM at 128-256 x 128 tiles.
   M1_GRID=2:    a finer M = 1 grid around call 1's winners (pipe 2-4, splits around 768 programs).
   M1_GRID=3:    4 bits, more one-warp programs per SM (32-row tiles, splits up to 4x the rule's).
+  SA=1:         session 8: at M = 2..64 only the rule and the rule's tiles, each with and without
+                scale_after (the scales applied to each K step's product, not to the dequantized tile).
 Each config is first checked against a float32 dequantized matmul (relative error < 1e-2); a failing or
 wrong config is recorded, not timed. Writes $OUT/sweep-tma.json as it goes; stops starting cells after
 BUDGET seconds.
@@ -103,6 +105,17 @@ def gemm_cells(n, k, mod, m):
     cell["rule"] = d
     if m <= 256:
         check_and_time(cell, "gemm_rule", lambda q: T.gemm(x, q, None, **d), packs, x, ref)
+    if os.environ.get("SA") and m <= 64:
+        check_and_time(cell, "gemm_rule_sa", lambda q: T.gemm(x, q, None, **d, scale_after=True), packs, x, ref)
+        for tma in (d["tma"],):
+            for st in (3, 4):
+                for sk in sorted({d["split_k"], max(1, d["split_k"] // 2)}):
+                    cfg = {**d, "tma": tma, "num_stages": st, "split_k": sk}
+                    for sa in (False, True):
+                        key = f"t{int(tma)}_s{st}_sk{sk}" + ("_sa" if sa else "")
+                        check_and_time(cell, key, lambda q, cfg=cfg, sa=sa: T.gemm(x, q, None, **cfg, scale_after=sa),
+                                       packs, x, ref)
+        return cell
     if m >= 16 and not os.environ.get("SKIP_DEQUANT"):
         # (call 1 also timed the x_pi-order dequantization it replaced, commit 8155454, as "dequant_pi")
         for bn, bw, nw in [(32, 16, 4), (64, 16, 4), (32, 32, 4), (64, 32, 8)]:

@@ -57,7 +57,7 @@ def _silu_mul_kernel(GU, Y, F, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
 
 
 @triton.jit
-def _decode_attn_kernel(Q, KN, VN, KC, VC, O, WO, WML, CNT, L, pos, sm_scale, sq, skn, svn, scb, sch,
+def _decode_attn_kernel(Q, KN, VN, KC, VC, OUT, WO, WML, CNT, L, pos, sm_scale, sq, skn, svn, scb, sch,
                         H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr, BLOCK: tl.constexpr,
                         SPLITS: tl.constexpr, PDL: tl.constexpr = False):
     """One decode step's attention for one sequence and kv head (program axis 0: b * KV + h) over one block of
@@ -65,7 +65,7 @@ def _decode_attn_kernel(Q, KN, VN, KC, VC, O, WO, WML, CNT, L, pos, sm_scale, sq
     block's k and v; padded to 16 rows for the tensor-core dots. Position `pos` takes the new token's k, v
     (KN, VN), which the program holding it also writes into the caches KC, VC (B, KV, L, HD). Each program
     leaves its block's max score, sum of exponentials and unnormalized output in WML / WO; the last program
-    of a head group (counter CNT, reset after) combines the SPLITS blocks in a fixed order into O (B, H * HD)."""
+    of a head group (counter CNT, reset after) combines the SPLITS blocks in a fixed order into OUT (B, H * HD)."""
     _pdl(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -114,7 +114,7 @@ def _decode_attn_kernel(Q, KN, VN, KC, VC, O, WO, WML, CNT, L, pos, sm_scale, sq
             ot += wgt[:, None] * tl.load(WO + ((bh * SPLITS + s) * GP + rg)[:, None] * HD + rd[None, :],
                                          cache_modifier=".cg")
         out = ot / lt[:, None]
-        tl.store(O + b * (H * HD) + (h * G + rg)[:, None] * HD + rd[None, :], out.to(O.dtype.element_ty),
+        tl.store(OUT + b * (H * HD) + (h * G + rg)[:, None] * HD + rd[None, :], out.to(OUT.dtype.element_ty),
                  mask=gmask[:, None])
         tl.atomic_xchg(CNT + bh, 0, sem="relaxed", scope="gpu")
 

@@ -21,10 +21,18 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 @triton.jit
 def _pdl(PDL: tl.constexpr):
-    """Programmatic dependent launch: let the next kernel be scheduled, then wait for the one before."""
-    if PDL:
+    """Programmatic dependent launch (PDL = 1: let the next kernel be scheduled now; 2: only at _pdl_late),
+    then wait for the kernel before."""
+    if PDL == 1:
         gdc_launch_dependents()
+    if PDL > 0:
         gdc_wait()
+
+
+@triton.jit
+def _pdl_late(PDL: tl.constexpr):
+    if PDL == 2:
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -40,6 +48,7 @@ def _add_rmsnorm_kernel(X, R, W, Y, D, eps, HAS_R: tl.constexpr, BLOCK: tl.const
         tl.store(X + row * D + c, x.to(X.dtype.element_ty), mask=msk)
         x = x.to(X.dtype.element_ty).to(tl.float32)          # normalize what the residual stream holds
     inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+    _pdl_late(PDL)
     w = tl.load(W + c, mask=msk, other=0.0).to(tl.float32)
     tl.store(Y + row * D + c, (x * inv * w).to(Y.dtype.element_ty), mask=msk)
 
@@ -53,6 +62,7 @@ def _silu_mul_kernel(GU, Y, F, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     msk = c < F
     g = tl.load(GU + row * 2 * F + c, mask=msk, other=0.0).to(tl.float32)
     u = tl.load(GU + row * 2 * F + F + c, mask=msk, other=0.0).to(tl.float32)
+    _pdl_late(PDL)
     tl.store(Y + row * F + c, (g / (1.0 + tl.exp(-g)) * u).to(Y.dtype.element_ty), mask=msk)
 
 
@@ -96,9 +106,10 @@ def _decode_attn_kernel(Q, KN, VN, KC, VC, OUT, WO, WML, CNT, L, pos, sm_scale, 
     lsum = tl.sum(p, axis=1)
     o = tl.dot(p.to(v.dtype), v)                                             # (GP, HD) fp32
     part = bh * SPLITS + sp
-    tl.store(WO + (part * GP + rg)[:, None] * HD + rd[None, :], o)
+    tl.store(WO + (part * GP + rg)[:, None] * HD + rd[None, :], o, mask=gmask[:, None])   # the G real rows
     tl.store(WML + part * 2 * GP + rg, m)
     tl.store(WML + part * 2 * GP + GP + rg, lsum)
+    _pdl_late(PDL)
     tl.debug_barrier()                               # every thread's partial is written before the release
     done = tl.atomic_add(CNT + bh, 1, sem="acq_rel", scope="gpu")
     if done == SPLITS - 1:
@@ -112,7 +123,7 @@ def _decode_attn_kernel(Q, KN, VN, KC, VC, OUT, WO, WML, CNT, L, pos, sm_scale, 
             wgt = tl.exp(tl.load(WML + base + rg, cache_modifier=".cg") - mt)
             lt += wgt * tl.load(WML + base + GP + rg, cache_modifier=".cg")
             ot += wgt[:, None] * tl.load(WO + ((bh * SPLITS + s) * GP + rg)[:, None] * HD + rd[None, :],
-                                         cache_modifier=".cg")
+                                         mask=gmask[:, None], other=0.0, cache_modifier=".cg")
         out = ot / lt[:, None]
         tl.store(OUT + b * (H * HD) + (h * G + rg)[:, None] * HD + rd[None, :], out.to(OUT.dtype.element_ty),
                  mask=gmask[:, None])
@@ -123,7 +134,7 @@ _ATTN_SCRATCH: dict = {}
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-                     pos: int, heads: int, pdl: bool = False, block: int = 64) -> torch.Tensor:
+                     pos: int, heads: int, pdl: bool = False, block: int | None = None) -> torch.Tensor:
     """q (B, heads * HD), k, v (B, KV * HD) of the new token (row-strided views are fine); kc, vc (B, KV, L, HD)
     caches, positions 0..L-1 attended, `pos` overwritten with k, v. Returns (B, heads * HD) =
     softmax(q k^T / sqrt(HD)) v per head, as F.scaled_dot_product_attention(..., enable_gqa=True)."""
@@ -131,6 +142,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torc
     assert kc.is_contiguous() and vc.is_contiguous() and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
     if heads // kv > 16:
         raise ValueError(f"decode_attention: at most 16 query heads per kv head, got {heads // kv}")
+    if block is None:
+        import os
+        block = int(os.environ.get("BITSMITH_ATTN_BLOCK", "64"))
     splits = triton.cdiv(length, block)
     key = (q.device, b * kv, splits)
     if key not in _ATTN_SCRATCH:
@@ -141,7 +155,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torc
     o = torch.empty(b, heads * hd, device=q.device, dtype=q.dtype)
     _decode_attn_kernel[(b * kv, splits)](q, k, v, kc, vc, o, wo, wml, cnt, length, pos, 1.0 / math.sqrt(hd),
                                           q.stride(0), k.stride(0), v.stride(0), kc.stride(0), kc.stride(1),
-                                          H=heads, KV=kv, HD=hd, BLOCK=block, SPLITS=splits, PDL=pdl,
+                                          H=heads, KV=kv, HD=hd, BLOCK=block, SPLITS=splits, PDL=_mode(pdl),
                                           num_warps=4, **_launch(pdl))
     return o
 
@@ -151,13 +165,20 @@ def _launch(pdl: bool) -> dict:
     return {"launch_pdl": True} if pdl else {}
 
 
+def _mode(pdl: bool) -> int:
+    """The kernels' PDL constexpr: 0 off; 1 the next kernel may be scheduled from this one's start, 2 from
+    the end of its main work ($BITSMITH_PDL_TRIGGER = start | late, default late)."""
+    import os
+    return 0 if not pdl else 1 if os.environ.get("BITSMITH_PDL_TRIGGER", "late") == "start" else 2
+
+
 def add_rmsnorm(x: torch.Tensor, r: torch.Tensor | None, norm: torch.nn.RMSNorm, pdl: bool = False) -> torch.Tensor:
     """x (B, D) contiguous, updated in place to x + r when r is given; returns RMSNorm(x)."""
     b, d = x.shape
     y = torch.empty_like(x)
     eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
     _add_rmsnorm_kernel[(b,)](x, r if r is not None else x, norm.weight, y, d, eps, HAS_R=r is not None,
-                              BLOCK=triton.next_power_of_2(d), PDL=pdl, num_warps=8, **_launch(pdl))
+                              BLOCK=triton.next_power_of_2(d), PDL=_mode(pdl), num_warps=8, **_launch(pdl))
     return y
 
 
@@ -165,7 +186,7 @@ def silu_mul(gu: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     b, f2 = gu.shape
     y = torch.empty(b, f2 // 2, device=gu.device, dtype=gu.dtype)
     block = 1024
-    _silu_mul_kernel[(b, triton.cdiv(f2 // 2, block))](gu, y, f2 // 2, BLOCK=block, PDL=pdl, num_warps=4,
+    _silu_mul_kernel[(b, triton.cdiv(f2 // 2, block))](gu, y, f2 // 2, BLOCK=block, PDL=_mode(pdl), num_warps=4,
                                                        **_launch(pdl))
     return y
 

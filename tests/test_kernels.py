@@ -272,9 +272,10 @@ def test_gemv1p_programmatic_dependent_launch_chains_correctly(bits):
         h = h / h.abs().max()                  # keep the chain's activations in range (the same op below)
         refs.append(h)
     for cfg in [{"block_n": 64, "block_w": 16, "split_k": 4, "pipe": 3, "tma": True, "prefetch": 2},
-                {"block_n": 64, "block_w": 16, "split_k": 2, "pipe": 3, "tma": True, "prefetch": 0},
+                {"block_n": 64, "block_w": 16, "split_k": 2, "pipe": 3, "tma": True, "prefetch": 0,
+                 "pdl_trigger": "start"},
                 {"block_n": 32, "block_w": 16, "split_k": 3, "pipe": 3, "tma": True, "prefetch": 8},
-                {"block_n": 64, "block_w": 32, "split_k": 2}]:
+                {"block_n": 64, "block_w": 32, "split_k": 2}, {"block_n": 64, "block_w": 32, "pdl_trigger": "start"}]:
         def chain():
             outs, h = [], x
             for pack, _ in layers:

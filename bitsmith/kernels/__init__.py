@@ -295,7 +295,8 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
             from . import triton_gemv_h2
             cfg = _tma_checked(gemv1p_config(module.n, module.k, module.scheme.bits), x2, pack)
             if pdl() and _pdl_ok(x2.device):
-                cfg = {**cfg, "pdl": True, "prefetch": int(os.environ.get("BITSMITH_PDL_PREFETCH", "2"))}
+                cfg = {**cfg, "pdl": True, "prefetch": int(os.environ.get("BITSMITH_PDL_PREFETCH", "2")),
+                       "pdl_trigger": os.environ.get("BITSMITH_PDL_TRIGGER", "late")}
             y = triton_gemv_h2.gemv1p(x2, pack, bias, **cfg)
         elif name == "triton_gemv1h" and m == 1:
             y = triton_wq.gemv1h(x2, pack, bias, **gemv1h_config(module.n, module.k, module.scheme.bits))

@@ -169,13 +169,14 @@ def _zpk(z, off: tl.constexpr):
 
 
 @triton.jit
-def _pdl_start(QP, rn, N, wpr, t0, t1, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr):
-    """Programmatic dependent launch: let the next kernel in the stream be scheduled now (its programs wait
-    in their own _pdl_start), start fetching this program's first PREFETCH K steps of words into L2 (the
-    weights do not depend on the kernel before), then wait until that kernel has finished and its writes
-    (x) are visible. Nothing is read from or written to memory another kernel produces or reads before
-    the wait."""
-    gdc_launch_dependents()
+def _pdl_start(QP, rn, N, wpr, t0, t1, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+    """Programmatic dependent launch: (PDL = 1) let the next kernel in the stream be scheduled now (its
+    programs wait in their own _pdl_start; PDL = 2: only once this program's K loop is done), start fetching
+    this program's first PREFETCH K steps of words into L2 (the weights do not depend on the kernel before),
+    then wait until that kernel has finished and its writes (x) are visible. Nothing is read from or written
+    to memory another kernel produces or reads before the wait."""
+    if PDL == 1:
+        gdc_launch_dependents()
     if PREFETCH > 0:
         a = QP + tl.minimum(rn, N - 1).to(tl.int64) * wpr + t0 * BLOCK_W
         nb = tl.full(rn.shape, 0, tl.int32) + tl.minimum(t1 - t0, PREFETCH) * (BLOCK_W * 4)
@@ -187,7 +188,7 @@ def _pdl_start(QP, rn, N, wpr, t0, t1, BLOCK_W: tl.constexpr, PREFETCH: tl.const
 def _wq_gemv1p_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, QP, BITS: tl.constexpr, GS: tl.constexpr,
                       HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr, FP16: tl.constexpr,
-                      PIPE: tl.constexpr = 0, TMA: tl.constexpr = False, PDL: tl.constexpr = False,
+                      PIPE: tl.constexpr = 0, TMA: tl.constexpr = False, PDL: tl.constexpr = 0,
                       PREFETCH: tl.constexpr = 0):
     """Program (pid_n, pid_k) owns BLOCK_N rows and a contiguous run of K steps of BLOCK_W words, as
     triton_wq._wq_gemv1m_kernel (flat tile, next step's words in flight, split K reduced by the last program
@@ -195,7 +196,7 @@ def _wq_gemv1p_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, QP, BITS: tl.conste
     PIPE > 0: no register prefetch; Triton pipelines the step loads PIPE deep through shared memory.
     TMA (with PIPE > 0): QW is a tensor descriptor of (BLOCK_N, BLOCK_W) word tiles, fetched by the copy
     engine PIPE deep (no per-thread address work, edges zero-filled).
-    PDL (Hopper; launched with launch_pdl): _pdl_start, with PREFETCH steps of words sent to L2 ahead
+    PDL (1, 2; Hopper, launched with launch_pdl): _pdl_start, with PREFETCH steps of words sent to L2 ahead
     (TMA launches; the pointer launches load their first step into registers before the wait instead).
     QP: the words as a pointer (QW itself unless TMA)."""
     CPW: tl.constexpr = 32 // BITS
@@ -205,12 +206,12 @@ def _wq_gemv1p_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, QP, BITS: tl.conste
         pid_n, pid_k, t0, t1, _, rn = _m1_run(wpr, BLOCK_N, BLOCK_W, SPLIT_K)
         nmask = rn < N
         w = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
-        if PDL:
-            _pdl_start(QP, rn, N, wpr, t0, t1, BLOCK_W, PREFETCH)
+        if PDL > 0:
+            _pdl_start(QP, rn, N, wpr, t0, t1, BLOCK_W, PREFETCH, PDL)
     else:
         pid_n, pid_k, t0, t1, rn, rw, nmask, rows, w = _m1_start(QW, N, wpr, BLOCK_N, BLOCK_W, SPLIT_K, EVEN)
-        if PDL:
-            _pdl_start(QP, rn, N, wpr, t0, t1, BLOCK_W, 0)
+        if PDL > 0:
+            _pdl_start(QP, rn, N, wpr, t0, t1, BLOCK_W, 0, PDL)
     ru = tl.arange(0, NU)
     xw = X.to(tl.pointer_type(tl.int32), bitcast=True)                      # x as pairs of 16-bit values
     acc = tl.zeros((BLOCK_N, NU), dtype=tl.float32)
@@ -263,6 +264,8 @@ def _wq_gemv1p_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, QP, BITS: tl.conste
             finv = xp[8]
         acc += part * (s * finv[None, :])
         w = wn
+    if PDL == 2:
+        gdc_launch_dependents()
     y = tl.sum(acc, axis=1)                                                   # (BN,)
     _store_rows(y, rn, nmask, B, Y, WS, CNT, N, pid_n, pid_k, HAS_BIAS, SPLIT_K)
 
@@ -274,7 +277,7 @@ def unsupported(p: WQPack) -> str | None:
 
 def gemv1p(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block_n: int = 64,
            block_w: int | None = None, split_k: int = 1, num_warps: int = 1, pipe: int = 0,
-           tma: bool = False, pdl: bool = False, prefetch: int = 0) -> torch.Tensor:
+           tma: bool = False, pdl: bool = False, prefetch: int = 0, pdl_trigger: str = "late") -> torch.Tensor:
     """M = 1 only; x in stored column order (permuted only under act-order). block_w: words per K step, a
     multiple of 4 (default: one g128 group, 16 words at 4 bits, 32 at 8). pipe: 0 = the next step's words
     loaded into registers ahead (255 registers at 64 x 32); n > 0 = Triton's n-stage cp.async pipeline
@@ -283,7 +286,10 @@ def gemv1p(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, blo
     stages, 128 registers). pdl: launched as a programmatic dependent launch (Hopper; triton_wq.pdl_reason):
     the next kernel may start while this one runs, and this one's programs start while the kernel before
     finishes, each waiting for it before reading x; prefetch: with tma, K steps of words each program
-    sends to L2 before that wait."""
+    sends to L2 before that wait; pdl_trigger: when the next kernel may be scheduled, "start" or "late"
+    (after each program's K loop)."""
+    if pdl_trigger not in ("start", "late"):
+        raise ValueError(f"gemv1p: pdl_trigger must be 'start' or 'late', not {pdl_trigger!r}")
     why = unsupported(p)
     if why is not None:
         raise ValueError(f"gemv1p: {why}")
@@ -295,6 +301,7 @@ def gemv1p(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, blo
                                                p.qw, BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None,
                                                HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_W=L.block_w,
                                                SPLIT_K=L.split_k, EVEN=L.even, FP16=x2.dtype == torch.float16,
-                                               PIPE=pipe, TMA=tma, PDL=pdl, PREFETCH=prefetch if tma and pdl else 0,
+                                               PIPE=pipe, TMA=tma, PDL=0 if not pdl else 1 if pdl_trigger == "start" else 2,
+                                               PREFETCH=prefetch if tma and pdl else 0,
                                                num_warps=num_warps, launch_pdl=pdl)
     return L.y

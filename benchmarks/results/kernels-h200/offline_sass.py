@@ -82,7 +82,7 @@ def gemv1p(n: int, k: int, dump: Path | None, pdl: int = -1, bits: int = 4) -> N
            "CNT": "*i32", "N": "i32", "K": "i32", "wpr": "i32", "QP": "*i32"}
     consts = dict(BITS=bits, GS=128 if bits == 4 else k, HAS_ZERO=bits == 4, HAS_BIAS=False, BLOCK_N=bn,
                   BLOCK_W=bw, SPLIT_K=cfg["split_k"], EVEN=True, FP16=False, PIPE=cfg.get("pipe", 0),
-                  TMA=bool(cfg.get("tma")), PDL=pdl >= 0, PREFETCH=max(pdl, 0))
+                  TMA=bool(cfg.get("tma")), PDL=2 if pdl >= 0 else 0, PREFETCH=max(pdl, 0))
     kern = compile_kernel(triton_gemv_h2._wq_gemv1p_kernel, sig, consts, num_warps=warps, launch_pdl=pdl >= 0)
     report(f"gemv1p_{n}x{k}_w{bits}" + (f"_pdl{pdl}" if pdl >= 0 else ""), kern, bn * bw * 32 // bits // (32 * warps),
            dump)

@@ -17,7 +17,7 @@ BITSMITH_PDL_TRIGGER=start timeout 60 $D --models "W4 g128" --variants fused+hea
 BITSMITH_ATTN_BLOCK=32 timeout 70 $D --models "bf16,W4 g128" --variants fused+head+glue+attn \
   --json $OUT/decode-s8b-a32.json >> $L 2>&1; echo "rc $? (attention blocks of 32)" >> $L
 echo "== sweep m1 $(date +%T)" >> $L
-MS=1 SHAPES=4096x4096,6144x4096,28672x4096,4096x14336,128256x4096 BUDGET=${BUDGET:-80} \
+W4_ONLY=1 MS=1 SHAPES=4096x4096,6144x4096,28672x4096,4096x14336,128256x4096 BUDGET=${BUDGET:-80} \
   timeout 150 python3 benchmarks/results/kernels-h200/sweep_tma.py >> $L 2>&1; echo "rc $?" >> $L
 cp $OUT/sweep-tma.json $OUT/sweep-m1-decode.json 2>/dev/null
 echo "== end $(date +%T)" >> $L

@@ -7,6 +7,7 @@
   M = 2048:     the TMA GEMM at 128-256 x 128 tiles.
   M1_GRID=2:    a finer M = 1 grid around call 1's winners (pipe 2-4, splits around 768 programs).
   M1_GRID=3:    4 bits, more one-warp programs per SM (32-row tiles, splits up to 4x the rule's).
+  W4_ONLY=1:    M = 1 at 4 bits only.
   SA=1:         session 8: at M = 2..64 only the rule and the rule's tiles, each with and without
                 scale_after (the scales applied to each K step's product, not to the dequantized tile).
 Each config is first checked against a float32 dequantized matmul (relative error < 1e-2); a failing or
@@ -158,7 +159,8 @@ for n, k in SHAPES:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         bf = KB.bench([lambda wi=wi: torch.matmul(x, wi.t()) for wi in ws])
         big = n * k >= 2**27
-        cells = ([m1_cells(n, k, w4, 4)] + ([m1_cells(n, k, w8, 8)] if big or not os.environ.get("M1_GRID") else [])
+        w8_too = not os.environ.get("W4_ONLY") and (big or not os.environ.get("M1_GRID"))
+        cells = ([m1_cells(n, k, w4, 4)] + ([m1_cells(n, k, w8, 8)] if w8_too else [])
                  if m == 1 else [gemm_cells(n, k, w4, m)])
         for cell in cells:
             cell["bf16"] = bf

@@ -355,9 +355,17 @@ def test_weight_only_choice_follows_the_measured_crossovers():
     assert kernels.weight_only_choice(256, 8192, 28672) == "triton_dequant"
     assert kernels.weight_only_choice(2048, 8192, 28672) == "triton_dequant"
     assert kernels.gemv_config(1, 8192, 28672)["split_k"] == 4 and kernels.gemv_config(1, 28672, 8192)["split_k"] == 1
-    # the GEMM splits K until the grid fills the GPU, never below 4 groups of 128 per split
-    assert [kernels.gemm_config(16, n, k)["split_k"] for n, k in [(28672, 8192), (8192, 28672), (4096, 4096)]] == [4, 8, 8]
-    assert kernels.gemm_config(64, 8192, 28672)["split_k"] == 4 and kernels.gemm_config(2048, 8192, 28672)["split_k"] == 1
+    # the GEMM splits K to fill the GPU without overshooting it (4 bits: at most 1024 / 256 programs at
+    # M <= 16 / 64, 8 / 4 groups of 128 per split), never below 4 groups of 128 per split
+    shapes = [(28672, 8192), (8192, 28672), (14336, 4096), (4096, 14336), (4096, 4096)]
+    assert [kernels.gemm_config(16, n, k)["split_k"] for n, k in shapes] == [2, 8, 4, 8, 8]
+    assert [kernels.gemm_config(64, n, k)["split_k"] for n, k in shapes] == [1, 4, 2, 8, 8]
+    assert [kernels.gemm_config(64, n, k, bits=8)["split_k"] for n, k in shapes[:2]] == [2, 4]
+    assert kernels.gemm_config(2048, 8192, 28672)["split_k"] == 1
+    # scale_after where it won: 4096-row layers at M <= 16, launches of <= 2 splits at M = 17-64
+    assert [bool(kernels.gemm_config(16, n, k).get("scale_after")) for n, k in shapes] == [0, 0, 0, 1, 1]
+    assert [bool(kernels.gemm_config(64, n, k).get("scale_after")) for n, k in shapes] == [1, 0, 1, 0, 0]
+    assert "scale_after" not in kernels.gemm_config(16, 4096, 4096, bits=8)
     assert kernels.gemm_config(2048, 8192, 28672, bits=8)["block_m"] == 128   # 256 rows overflow shared memory
     # the copy engine: 4 bits from M = 17 everywhere, at M <= 16 on layers of >= 2^27 weights
     assert [kernels.gemm_config(m, 28672, 8192)["tma"] for m in (4, 64, 256)] == [True, True, True]

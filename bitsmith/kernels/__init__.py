@@ -305,8 +305,10 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
         elif name in ("triton_gemv",) + M1_KERNELS:
             y = triton_wq.gemv(x2, pack, bias, **gemv_config(m, module.n, module.k))
         elif name == "triton_gemm":
-            y = triton_wq.gemm(x2, pack, bias, **_tma_checked(gemm_config(m, module.n, module.k, module.scheme.bits),
-                                                              x2, pack))
+            cfg = _tma_checked(gemm_config(m, module.n, module.k, module.scheme.bits), x2, pack)
+            if cfg.get("scale_after") and cfg["block_w"] * 32 // pack.bits > pack.group:
+                cfg = {**cfg, "scale_after": False}       # K steps wider than a group (g32, g64)
+            y = triton_wq.gemm(x2, pack, bias, **cfg)
         else:
             y = triton_wq.dequant_matmul(x2, pack, bias)
     elif name == "cpu_fused":
@@ -432,7 +434,12 @@ def gemm_config(m: int, n: int, k: int, bits: int = 4) -> dict:
     pointer-load launch, 43.4 / 37.0 against 57.3 / 50.8 on the mid shapes. At M <= 16 only on layers of
     >= 2^27 weights (4% faster there, 2-3% slower on the mid shapes). Above M = 64: 256 rows, where
     dispatch takes the GEMM at all (weight_only_choice). 8 bits: not measured with the copy engine, so
-    pointer loads. (TUNED winners override it.)"""
+    pointer loads.
+    4 bits, session 8 (sweep-sa.json, M = 2 / 16 / 64 on the five shapes): splits as the comment below
+    says (14336x4096 at M = 16: 24.5 against 27.5 us; 28672x8192 at M = 64: 121.4 against 128.6), and
+    scale_after on the 4096-row layers at M <= 16 (4096x14336 at M = 16: 25.8 against 28.4) and on
+    launches of <= 2 splits at M = 17-64 (28672x8192: 114.7 against 121.4); it lost 15-40% elsewhere.
+    (TUNED winners override it.)"""
     if ("triton_gemm", n, k, m_bucket(m)) in TUNED:
         return TUNED["triton_gemm", n, k, m_bucket(m)]
     block_w = 16 if bits == 4 else 32
@@ -446,8 +453,20 @@ def gemm_config(m: int, n: int, k: int, bits: int = 4) -> dict:
         block_m, block_n, warps, target = 128 if m <= 128 or bits == 8 else 256, 128, 8, 1
         tma = bits == 4
     tiles = -(-m // block_m) * -(-n // block_n)
-    split = 1
-    while tiles * split < target and k // (128 * 2 * split) >= 4:
-        split *= 2
-    return {"block_m": block_m, "block_n": block_n, "split_k": split, "num_warps": warps, "num_stages": 3,
-            "block_w": block_w, "tma": tma}
+    groups, split, scale_after = k // 128, 1, False
+    if bits == 4 and m <= 64:
+        # session 8 (sweep-sa.json): the largest split that keeps the grid within `target` programs and
+        # each split >= 8 groups (M <= 16; >= 4 above), and at M <= 16 at least 512 programs while splits
+        # keep 4 groups; scale_after (the scales on each step's product) where it won, 4-11%
+        lo = 8 if m <= 16 else 4
+        while tiles * split * 2 <= target and groups // (2 * split) >= lo:
+            split *= 2
+        while m <= 16 and tiles * split < 512 and groups // (2 * split) >= 4:
+            split *= 2
+        scale_after = n <= 4096 if m <= 16 else split <= 2
+    else:
+        while tiles * split < target and groups // (2 * split) >= 4:
+            split *= 2
+    cfg = {"block_m": block_m, "block_n": block_n, "split_k": split, "num_warps": warps, "num_stages": 3,
+           "block_w": block_w, "tma": tma}
+    return {**cfg, "scale_after": True} if scale_after else cfg

@@ -6,7 +6,7 @@ export PYTHONUNBUFFERED=1
 L=$OUT/s8call2.log
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv >> $L 2>&1
 echo "== tests $(date +%T)" >> $L
-timeout 100 python3 -m pytest -q -n 4 tests/test_kernels.py -k "programmatic or gemv1_split" > $OUT/tests-s8-call2.log 2>&1
+timeout 150 python3 -m pytest -q -n 8 tests/test_kernels.py -k "programmatic or gemv1_split or match_reference or dispatch" > $OUT/tests-s8-call2.log 2>&1
 echo "rc $?" >> $L; tail -2 $OUT/tests-s8-call2.log >> $L; grep -E "^FAILED|Error" $OUT/tests-s8-call2.log | head -20 >> $L
 echo "== decode $(date +%T)" >> $L
 D="python3 -P benchmarks/decode.py --gpu --batches 1"

@@ -107,11 +107,13 @@ def gemm_cells(n, k, mod, m):
     if m <= 256:
         check_and_time(cell, "gemm_rule", lambda q: T.gemm(x, q, None, **d), packs, x, ref)
     if os.environ.get("SA") and m <= 64:
-        check_and_time(cell, "gemm_rule_sa", lambda q: T.gemm(x, q, None, **d, scale_after=True), packs, x, ref)
+        check_and_time(cell, "gemm_rule_sa", lambda q: T.gemm(x, q, None, **{**d, "scale_after": True}), packs, x,
+                       ref)
         for tma in (d["tma"],):
             for st in (3, 4):
                 for sk in sorted({d["split_k"], max(1, d["split_k"] // 2)}):
                     cfg = {**d, "tma": tma, "num_stages": st, "split_k": sk}
+                    cfg.pop("scale_after", None)
                     for sa in (False, True):
                         key = f"t{int(tma)}_s{st}_sk{sk}" + ("_sa" if sa else "")
                         check_and_time(cell, key, lambda q, cfg=cfg, sa=sa: T.gemm(x, q, None, **cfg, scale_after=sa),

@@ -1,5 +1,6 @@
 """gemv1p under Nsight Compute (call 6): the dispatch launches on 8192x28672 (4-bit, 64 x 32 register
 prefetch), 4096x14336 (4-bit, pipelined 64 x 16) and 28672x8192 (8-bit), two calls each (the first compiles).
+--small (session 8): the 8B decode's small layers instead, 4096x4096 and 6144x4096 at 4 bits.
 
     ncu --clock-control none -k regex:gemv1p --section SpeedOfLight --section Occupancy \\
         --section WarpStateStats --section LaunchStats --section MemoryWorkloadAnalysis \\
@@ -17,7 +18,9 @@ from bitsmith.nn import QuantLinear  # noqa: E402
 from bitsmith.primitives import quantize_weight  # noqa: E402
 from bitsmith.recipe import Scheme  # noqa: E402
 
-for n, k, bits in ((8192, 28672, 4), (4096, 14336, 4), (28672, 8192, 8)):
+SHAPES = ((4096, 4096, 4), (6144, 4096, 4)) if "--small" in sys.argv else \
+    ((8192, 28672, 4), (4096, 14336, 4), (28672, 8192, 8))
+for n, k, bits in SHAPES:
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     scheme = Scheme(bits=4, group_size=128) if bits == 4 else Scheme(bits=8, group_size=None, symmetric=True)
     mod = QuantLinear.from_qweight(quantize_weight(w, scheme)).cuda()

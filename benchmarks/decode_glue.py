@@ -142,7 +142,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torc
     assert kc.is_contiguous() and vc.is_contiguous() and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
     if heads // kv > 16:
         raise ValueError(f"decode_attention: at most 16 query heads per kv head, got {heads // kv}")
-    if block is None:       # positions per program: 32 beat 64 by 0.14 ms a step on the 8B shape (H200, README)
+    if block is None:       # positions per program: 16, 32 and 64 were within run-to-run noise (H200, README)
         import os
         block = int(os.environ.get("BITSMITH_ATTN_BLOCK", "32"))
     splits = triton.cdiv(length, block)

@@ -7,6 +7,8 @@ attention and its reduction. `pdl`: these launches are programmatic dependent la
 kernel's programs may be scheduled while the kernel before finishes, and wait for it before reading.
 bf16 and the quantized models use the same glue, so it changes what the linears' share of a step is, not
 how they are timed. Checked against the torch ops in `check()` (run by decode_gpu).
+Knobs for experiments (read per call): BITSMITH_ATTN_BLOCK = positions per attention program (default 32),
+BITSMITH_PDL_TRIGGER = start | late (default late: when these kernels let the next one be scheduled).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ kernel), or one kernel name to force where it applies. "auto" on CUDA picks by M
   triton_gemv     CUDA-core fused dequant GEMV for several rows of x: only when forced (the GEMM beats it)
 and on the CPU, for M <= CPU_MAX_M, the fused dequantize-GEMV that Inductor compiles (cpu_fused.py; needs
 a C++ compiler), else torch's int8/int4 weight-only kernels (cpu.py).
+`set_pdl(True)` / BITSMITH_PDL=1 (off by default): on Hopper, gemv1p as a programmatic dependent launch, which
+pays where the kernels around it are launched the same way (a decode step in a CUDA graph; README).
 The rules and launch defaults are the winners of sweeps on an H200 (H100 for gemv and gemv1; README).
 
 Inside a user's torch.compile, `select` returns None: the compiler traces the plain dequantize + linear
@@ -295,8 +297,9 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
             from . import triton_gemv_h2
             cfg = _tma_checked(gemv1p_config(module.n, module.k, module.scheme.bits), x2, pack)
             if pdl() and _pdl_ok(x2.device):
-                cfg = {**cfg, "pdl": True, "prefetch": int(os.environ.get("BITSMITH_PDL_PREFETCH", "2")),
-                       "pdl_trigger": os.environ.get("BITSMITH_PDL_TRIGGER", "late")}
+                # the next kernel scheduled after each program's K loop: scheduling it at the start slowed the
+                # 8B decode step 25-35%; 0, 2 or 4 steps prefetched to L2 measured the same (README)
+                cfg = {**cfg, "pdl": True, "prefetch": 2, "pdl_trigger": "late"}
             y = triton_gemv_h2.gemv1p(x2, pack, bias, **cfg)
         elif name == "triton_gemv1h" and m == 1:
             y = triton_wq.gemv1h(x2, pack, bias, **gemv1h_config(module.n, module.k, module.scheme.bits))

@@ -1,4 +1,6 @@
 #!/bin/bash
+# (BITSMITH_PDL_PREFETCH / BITSMITH_PDL_TRIGGER reached gemv1p through dispatch until the commit after the run;
+# dispatch now fixes prefetch 2 and the late trigger, the measured choice: reproduce with gemv1p(..., pdl_trigger=).)
 # Session 8, device call 1: the kernel tests on the H200 (first GPU run of 136c711's refactor, of the
 # scale_after GEMM and of the PDL launches), the decode step with the Triton attention and programmatic
 # dependent launches (attn, pdl variants; L2 prefetch depth 0 / 2 / 4), then scale_after timed against the

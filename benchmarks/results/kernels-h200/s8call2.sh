@@ -1,4 +1,6 @@
 #!/bin/bash
+# (BITSMITH_PDL_PREFETCH / BITSMITH_PDL_TRIGGER reached gemv1p through dispatch until the commit after the run;
+# dispatch now fixes prefetch 2 and the late trigger, the measured choice: reproduce with gemv1p(..., pdl_trigger=).)
 # Session 8, device call 2 (the session's run of record): the kernel tests; the README's table with this
 # commit's dispatch (gemm_config's session-8 splits and scale_after); the decode step in all variants, with the
 # attention kernel's partials cut to the real query rows and PDL scheduling the next kernel late (after each

@@ -321,7 +321,6 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
     return y.view(*x.shape[:-1], module.n)
 
 
-@lru_cache(maxsize=None)
 def _pdl_ok(device: torch.device) -> bool:
     from . import triton_wq
     return triton_wq.pdl_reason(device) is None

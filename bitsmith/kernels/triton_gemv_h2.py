@@ -28,7 +28,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .layout import HALF2_UNIT as U  # words per unit: one fp16 partial sum, one x scale
 from .layout import WQPack, gemv1p_reason
-from .triton_wq import _m1_run, _m1_start, _m1_words, _store_rows, m1_launch, words_descriptor
+from .triton_wq import _m1_run, _m1_start, _m1_words, _store_rows, m1_launch, pdl_reason, words_descriptor
 
 
 def _xprep_ptx(bits: int, fp16: bool) -> str:
@@ -290,6 +290,8 @@ def gemv1p(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, blo
     (after each program's K loop)."""
     if pdl_trigger not in ("start", "late"):
         raise ValueError(f"gemv1p: pdl_trigger must be 'start' or 'late', not {pdl_trigger!r}")
+    if pdl and pdl_reason(x2.device) is not None:
+        raise ValueError(f"gemv1p: pdl=True: {pdl_reason(x2.device)}; launch without it")
     why = unsupported(p)
     if why is not None:
         raise ValueError(f"gemv1p: {why}")
@@ -297,11 +299,11 @@ def gemv1p(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, blo
     qa = p.qw
     if tma:
         qa, pipe = words_descriptor(p, block_n, L.block_w), max(pipe, 2)
+    mode = 0 if not pdl else 1 if pdl_trigger == "start" else 2          # the kernel's PDL constexpr
     _wq_gemv1p_kernel[(L.n_blocks, L.split_k)](L.x, qa, p.scale, L.zero, L.b, L.y, L.ws, L.cnt, p.n, p.k, L.wpr,
                                                p.qw, BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None,
                                                HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_W=L.block_w,
                                                SPLIT_K=L.split_k, EVEN=L.even, FP16=x2.dtype == torch.float16,
-                                               PIPE=pipe, TMA=tma, PDL=0 if not pdl else 1 if pdl_trigger == "start" else 2,
-                                               PREFETCH=prefetch if tma and pdl else 0,
+                                               PIPE=pipe, TMA=tma, PDL=mode, PREFETCH=prefetch if tma and pdl else 0,
                                                num_warps=num_warps, launch_pdl=pdl)
     return L.y

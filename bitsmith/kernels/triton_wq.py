@@ -28,6 +28,7 @@ The weights never move.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -739,9 +740,11 @@ def gemm(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block
     return y
 
 
+@lru_cache(maxsize=None)
 def pdl_reason(device: torch.device) -> str | None:
     """Why a kernel cannot be launched as a programmatic dependent launch here (None when it can): the
-    grid dependency control instructions need Hopper (compute capability 9.0) or newer."""
+    grid dependency control instructions need Hopper (compute capability 9.0) or newer. Cached: asked per
+    launch."""
     if torch.cuda.get_device_capability(device)[0] < 9:
         return "programmatic dependent launch needs compute capability 9.0 or newer"
     return None

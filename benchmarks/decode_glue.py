@@ -18,29 +18,14 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-
-@triton.jit
-def _pdl(PDL: tl.constexpr):
-    """Programmatic dependent launch (PDL = 1: let the next kernel be scheduled now; 2: only at _pdl_late),
-    then wait for the kernel before."""
-    if PDL == 1:
-        gdc_launch_dependents()
-    if PDL > 0:
-        gdc_wait()
-
-
-@triton.jit
-def _pdl_late(PDL: tl.constexpr):
-    if PDL == 2:
-        gdc_launch_dependents()
+from bitsmith.kernels.triton_wq import _pdl_begin, _pdl_end, pdl_mode
 
 
 @triton.jit
 def _add_rmsnorm_kernel(X, R, W, Y, D, eps, HAS_R: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Row-wise: x += r (written back, the residual stream), y = x / rms(x) * w."""
-    _pdl(PDL)
+    _pdl_begin(PDL)
     row = tl.program_id(0)
     c = tl.arange(0, BLOCK)
     msk = c < D
@@ -50,7 +35,7 @@ def _add_rmsnorm_kernel(X, R, W, Y, D, eps, HAS_R: tl.constexpr, BLOCK: tl.const
         tl.store(X + row * D + c, x.to(X.dtype.element_ty), mask=msk)
         x = x.to(X.dtype.element_ty).to(tl.float32)          # normalize what the residual stream holds
     inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-    _pdl_late(PDL)
+    _pdl_end(PDL)
     w = tl.load(W + c, mask=msk, other=0.0).to(tl.float32)
     tl.store(Y + row * D + c, (x * inv * w).to(Y.dtype.element_ty), mask=msk)
 
@@ -58,13 +43,13 @@ def _add_rmsnorm_kernel(X, R, W, Y, D, eps, HAS_R: tl.constexpr, BLOCK: tl.const
 @triton.jit
 def _silu_mul_kernel(GU, Y, F, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """GU (B, 2F) = [gate | up] -> Y (B, F) = silu(gate) * up."""
-    _pdl(PDL)
+    _pdl_begin(PDL)
     row = tl.program_id(0)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     msk = c < F
     g = tl.load(GU + row * 2 * F + c, mask=msk, other=0.0).to(tl.float32)
     u = tl.load(GU + row * 2 * F + F + c, mask=msk, other=0.0).to(tl.float32)
-    _pdl_late(PDL)
+    _pdl_end(PDL)
     tl.store(Y + row * F + c, (g / (1.0 + tl.exp(-g)) * u).to(Y.dtype.element_ty), mask=msk)
 
 
@@ -78,7 +63,7 @@ def _decode_attn_kernel(Q, KN, VN, KC, VC, OUT, WO, WML, CNT, L, pos, sm_scale, 
     (KN, VN), which the program holding it also writes into the caches KC, VC (B, KV, L, HD). Each program
     leaves its block's max score, sum of exponentials and unnormalized output in WML / WO; the last program
     of a head group (counter CNT, reset after) combines the SPLITS blocks in a fixed order into OUT (B, H * HD)."""
-    _pdl(PDL)
+    _pdl_begin(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = bh // KV
@@ -111,7 +96,7 @@ def _decode_attn_kernel(Q, KN, VN, KC, VC, OUT, WO, WML, CNT, L, pos, sm_scale, 
     tl.store(WO + (part * GP + rg)[:, None] * HD + rd[None, :], o, mask=gmask[:, None])   # the G real rows
     tl.store(WML + part * 2 * GP + rg, m)
     tl.store(WML + part * 2 * GP + GP + rg, lsum)
-    _pdl_late(PDL)
+    _pdl_end(PDL)
     tl.debug_barrier()                               # every thread's partial is written before the release
     done = tl.atomic_add(CNT + bh, 1, sem="acq_rel", scope="gpu")
     if done == SPLITS - 1:
@@ -168,10 +153,9 @@ def _launch(pdl: bool) -> dict:
 
 
 def _mode(pdl: bool) -> int:
-    """The kernels' PDL constexpr: 0 off; 1 the next kernel may be scheduled from this one's start, 2 from
-    the end of its main work ($BITSMITH_PDL_TRIGGER = start | late, default late)."""
+    """The kernels' PDL constexpr (triton_wq.pdl_mode), trigger from $BITSMITH_PDL_TRIGGER (default late)."""
     import os
-    return 0 if not pdl else 1 if os.environ.get("BITSMITH_PDL_TRIGGER", "late") == "start" else 2
+    return pdl_mode(pdl, os.environ.get("BITSMITH_PDL_TRIGGER", "late"))
 
 
 def add_rmsnorm(x: torch.Tensor, r: torch.Tensor | None, norm: torch.nn.RMSNorm, pdl: bool = False) -> torch.Tensor:

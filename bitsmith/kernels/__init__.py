@@ -309,7 +309,7 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
             y = triton_wq.gemv(x2, pack, bias, **gemv_config(m, module.n, module.k))
         elif name == "triton_gemm":
             cfg = _tma_checked(gemm_config(m, module.n, module.k, module.scheme.bits), x2, pack)
-            if cfg.get("scale_after") and cfg["block_w"] * 32 // pack.bits > pack.group:
+            if cfg.get("scale_after") and not triton_wq.steps_in_group(pack, cfg["block_w"]):
                 cfg = {**cfg, "scale_after": False}       # K steps wider than a group (g32, g64)
             y = triton_wq.gemm(x2, pack, bias, **cfg)
         else:

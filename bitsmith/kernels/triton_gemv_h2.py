@@ -24,11 +24,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .layout import HALF2_UNIT as U  # words per unit: one fp16 partial sum, one x scale
 from .layout import WQPack, gemv1p_reason
-from .triton_wq import _m1_run, _m1_start, _m1_words, _store_rows, m1_launch, pdl_reason, words_descriptor
+from .triton_wq import (_m1_run, _m1_start, _m1_words, _pdl_begin, _pdl_end, _store_rows, m1_launch, pdl_mode,
+                        pdl_reason, words_descriptor)
 
 
 def _xprep_ptx(bits: int, fp16: bool) -> str:
@@ -170,18 +170,14 @@ def _zpk(z, off: tl.constexpr):
 
 @triton.jit
 def _pdl_start(QP, rn, N, wpr, t0, t1, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
-    """Programmatic dependent launch: (PDL = 1) let the next kernel in the stream be scheduled now (its
-    programs wait in their own _pdl_start; PDL = 2: only once this program's K loop is done), start fetching
-    this program's first PREFETCH K steps of words into L2 (the weights do not depend on the kernel before),
-    then wait until that kernel has finished and its writes (x) are visible. Nothing is read from or written
-    to memory another kernel produces or reads before the wait."""
-    if PDL == 1:
-        gdc_launch_dependents()
+    """Programmatic dependent launch (triton_wq.pdl_mode): start fetching this program's first PREFETCH K
+    steps of words into L2 (the weights do not depend on the kernel before), then _pdl_begin: the wait for
+    that kernel's writes (x)."""
     if PREFETCH > 0:
         a = QP + tl.minimum(rn, N - 1).to(tl.int64) * wpr + t0 * BLOCK_W
         nb = tl.full(rn.shape, 0, tl.int32) + tl.minimum(t1 - t0, PREFETCH) * (BLOCK_W * 4)
         tl.inline_asm_elementwise(_L2PF, "=r,l,r", [a, nb], dtype=tl.int32, is_pure=False, pack=1)
-    gdc_wait()
+    _pdl_begin(PDL)
 
 
 @triton.jit
@@ -264,8 +260,7 @@ def _wq_gemv1p_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, QP, BITS: tl.conste
             finv = xp[8]
         acc += part * (s * finv[None, :])
         w = wn
-    if PDL == 2:
-        gdc_launch_dependents()
+    _pdl_end(PDL)
     y = tl.sum(acc, axis=1)                                                   # (BN,)
     _store_rows(y, rn, nmask, B, Y, WS, CNT, N, pid_n, pid_k, HAS_BIAS, SPLIT_K)
 
@@ -288,10 +283,10 @@ def gemv1p(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, blo
     finishes, each waiting for it before reading x; prefetch: with tma, K steps of words each program
     sends to L2 before that wait; pdl_trigger: when the next kernel may be scheduled, "start" or "late"
     (after each program's K loop)."""
-    if pdl_trigger not in ("start", "late"):
-        raise ValueError(f"gemv1p: pdl_trigger must be 'start' or 'late', not {pdl_trigger!r}")
-    if pdl and pdl_reason(x2.device) is not None:
-        raise ValueError(f"gemv1p: pdl=True: {pdl_reason(x2.device)}; launch without it")
+    mode = pdl_mode(pdl, pdl_trigger)                                  # the kernel's PDL constexpr
+    why = pdl_reason(x2.device) if pdl else None
+    if why is not None:
+        raise ValueError(f"gemv1p: pdl=True: {why}; launch without it")
     why = unsupported(p)
     if why is not None:
         raise ValueError(f"gemv1p: {why}")
@@ -299,7 +294,6 @@ def gemv1p(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, blo
     qa = p.qw
     if tma:
         qa, pipe = words_descriptor(p, block_n, L.block_w), max(pipe, 2)
-    mode = 0 if not pdl else 1 if pdl_trigger == "start" else 2          # the kernel's PDL constexpr
     _wq_gemv1p_kernel[(L.n_blocks, L.split_k)](L.x, qa, p.scale, L.zero, L.b, L.y, L.ws, L.cnt, p.n, p.k, L.wpr,
                                                p.qw, BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None,
                                                HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_W=L.block_w,

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .layout import WQPack
 
@@ -513,7 +514,8 @@ def _wq_gemm_kernel(X, QW, S, Z, B, Y, WS, CNT, M, N, K, wpr, stride_xm, stride_
     are not pipelined: one step's latency per step).
     SCALE_AFTER (steps within one group only): the weights enter the dot as the exact q - z and the step's
     fp32 product is scaled per row afterwards, on the accumulator: no packed multiply per code pair (SASS
-    of the K loop compiled offline: 4.1 instead of 5.6 instructions per code at M = 16; not yet timed)."""
+    of the K loop compiled offline: 4.1 instead of 5.6 instructions per code at M = 16; faster on some
+    launches only, gemm_config)."""
     CPW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GS // CPW
     pid_m = tl.program_id(0)                     # fastest: programs sharing a weight tile run together (L2)
@@ -708,7 +710,7 @@ def gemm(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block
     (_dq4_asm); 8-bit codes, fractional zeros and asm=False take the fp32 path. x is read in the weights'
     stored column order (gathered only under act-order). `tma`: x and the words through the copy engine
     (tma_reason says where it cannot). `scale_after`: scales applied to each step's product instead of to
-    every code (K steps must lie within one group; not used by dispatch until timed on a GPU)."""
+    every code (K steps must lie within one group, steps_in_group; gemm_config says where it is faster)."""
     m = x2.shape[0]
     xp = stored_x(x2, p)
     if tma and not xp.is_contiguous():
@@ -719,7 +721,7 @@ def gemm(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block
     if block_w is None:
         block_w = 16 if p.bits == 4 else 32
     cpw = 32 // p.bits
-    if scale_after and block_w > p.group // cpw:
+    if scale_after and not steps_in_group(p, block_w):
         raise ValueError(f"gemm: scale_after needs K steps within one group ({block_w} words per step, "
                          f"{p.group // cpw} per group); use block_w <= {p.group // cpw}")
     m_blocks, n_blocks = triton.cdiv(m, block_m), triton.cdiv(p.n, block_n)
@@ -740,21 +742,57 @@ def gemm(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block
     return y
 
 
+def _hopper_reason(device: torch.device, feature: str) -> str | None:
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return f"{feature} needs compute capability 9.0 or newer"
+    return None
+
+
 @lru_cache(maxsize=None)
 def pdl_reason(device: torch.device) -> str | None:
     """Why a kernel cannot be launched as a programmatic dependent launch here (None when it can): the
     grid dependency control instructions need Hopper (compute capability 9.0) or newer. Cached: asked per
     launch."""
-    if torch.cuda.get_device_capability(device)[0] < 9:
-        return "programmatic dependent launch needs compute capability 9.0 or newer"
-    return None
+    return _hopper_reason(device, "programmatic dependent launch")
+
+
+def pdl_mode(pdl: bool, trigger: str = "late") -> int:
+    """The PDL constexpr of kernels using _pdl_begin / _pdl_end: 0 = no PDL; 1 = the next kernel may be
+    scheduled from this one's start; 2 = from the end of its main work ("late", the measured choice)."""
+    if trigger not in ("start", "late"):
+        raise ValueError(f"pdl trigger must be 'start' or 'late', not {trigger!r}")
+    return 0 if not pdl else 1 if trigger == "start" else 2
+
+
+@triton.jit
+def _pdl_begin(PDL: tl.constexpr):
+    """Programmatic dependent launch, at a kernel's start (pdl_mode): PDL = 1 lets the next kernel in the
+    stream be scheduled now; PDL > 0 then waits until the kernel before has finished and its writes are
+    visible. Nothing another kernel produces or reads may be touched before this."""
+    if PDL == 1:
+        gdc_launch_dependents()
+    if PDL > 0:
+        gdc_wait()
+
+
+@triton.jit
+def _pdl_end(PDL: tl.constexpr):
+    """PDL = 2: the next kernel may be scheduled once this program's main work is done."""
+    if PDL == 2:
+        gdc_launch_dependents()
+
+
+def steps_in_group(p: WQPack, block_w: int) -> bool:
+    """Whether K steps of block_w words lie within one group of the pack (what scale_after needs)."""
+    return block_w <= p.group // (32 // p.bits)
 
 
 def tma_reason(x2: torch.Tensor, p: WQPack) -> str | None:
     """Why the copy-engine (TMA) launches cannot run (None when they can): a tensor map needs a Hopper or
     newer GPU, 16-byte aligned bases and row strides in multiples of 16 bytes."""
-    if torch.cuda.get_device_capability(p.qw.device)[0] < 9:
-        return "TMA needs compute capability 9.0 or newer"
+    why = _hopper_reason(p.qw.device, "TMA")
+    if why is not None:
+        return why
     if (p.qw.stride(0) * 4) % 16 or p.qw.data_ptr() % 16:
         return f"K={p.k} at {p.bits} bits gives word rows that are not a multiple of 16 bytes"
     if (p.k * x2.element_size()) % 16:

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bitsmith import kernels  # noqa: E402
-from bitsmith.kernels import triton_gemv_h2, triton_w8a8, triton_wq  # noqa: E402
+from bitsmith.kernels import triton_gemm, triton_gemv1, triton_gemv_h2, triton_w8a8, triton_wq  # noqa: E402
 from bitsmith.nn import QuantLinear  # noqa: E402
 from bitsmith.primitives import quantize_weight  # noqa: E402
 from bitsmith.recipe import Scheme  # noqa: E402
@@ -161,7 +161,7 @@ def tune_gemv1(mod: QuantLinear, budget_s: float) -> dict:
     configs = [default] + [{"block_n": bn, "block_g": bg, "split_k": sk, "num_warps": nw}
                            for bn, bg, sk, nw in itertools.product((64, 32, 128), (1, 2, 4), (2, 4, 8, 16), (4, 8))
                            if 256 <= -(-mod.n // bn) * sk <= 8192 and (mod.k // 128) // bg >= sk]
-    return sweep(lambda cfg: [lambda q=q: triton_wq.gemv1(x, q, None, **cfg) for q in packs], configs, budget_s)
+    return sweep(lambda cfg: [lambda q=q: triton_gemv1.gemv1(x, q, None, **cfg) for q in packs], configs, budget_s)
 
 
 def tune_gemm(mod: QuantLinear, m: int, budget_s: float) -> dict:
@@ -172,9 +172,10 @@ def tune_gemm(mod: QuantLinear, m: int, budget_s: float) -> dict:
              if m <= 64 else ((128, 128, 8), (256, 128, 8), (128, 64, 4)))
     configs = [default] + [{"block_m": bm, "block_n": bn, "num_warps": nw, "num_stages": st, "split_k": sk,
                             "block_w": default["block_w"], "asm": asm}
-                           for (bm, bn, nw), sk, st, asm in itertools.product(tiles, (1, 2, 4, 8), (3, 4), (True, False))
+                           for (bm, bn, nw), sk, st, asm in itertools.product(tiles, (1, 2, 4, 8), (3, 4),
+                                                                              (True, False))
                            if (mod.k // 128) // sk >= 4]
-    return sweep(lambda cfg: [lambda q=q: triton_wq.gemm(x, q, None, **cfg) for q in packs], configs, budget_s)
+    return sweep(lambda cfg: [lambda q=q: triton_gemm.gemm(x, q, None, **cfg) for q in packs], configs, budget_s)
 
 
 def tune_int8(n: int, k: int, m: int, budget_s: float) -> dict:
@@ -220,19 +221,20 @@ def run_shape(n: int, k: int, ms: list[int], tuned: dict) -> list[dict]:
                 fns = [lambda p=p, x=x: triton_gemv_h2.gemv1p(x, p, None, **kernels.gemv1p_config(n, k, 4))
                        for p in packs]
             elif name == "triton_gemv1h":
-                fns = [lambda p=p, x=x: triton_wq.gemv1h(x, p, None, **kernels.gemv1h_config(n, k, 4)) for p in packs]
+                fns = [lambda p=p, x=x: triton_gemv1.gemv1h(x, p, None, **kernels.gemv1h_config(n, k, 4))
+                       for p in packs]
             elif name == "triton_gemv1":     # the previous M = 1 kernel, same run, for before / after
-                fns = [lambda p=p: triton_wq.gemv1(x, p, None, **kernels.gemv1_config(n, k, 4)) for p in packs]
+                fns = [lambda p=p: triton_gemv1.gemv1(x, p, None, **kernels.gemv1_config(n, k, 4)) for p in packs]
             elif name == "triton_gemv":
                 fns = [lambda p=p: triton_wq.gemv(x, p, None, **kernels.gemv_config(m, n, k)) for p in packs]
             elif name == "triton_gemm":
-                fns = [lambda p=p: triton_wq.gemm(x, p, None, **kernels.gemm_config(m, n, k)) for p in packs]
+                fns = [lambda p=p: triton_gemm.gemm(x, p, None, **kernels.gemm_config(m, n, k)) for p in packs]
             else:
-                fns = [lambda p=p: triton_wq.dequant_matmul(x, p, None) for p in packs]
+                fns = [lambda p=p: triton_gemm.dequant_matmul(x, p, None) for p in packs]
             timed(r, f"w4_{name}", fns)
             if name == "triton_gemm" and kernels.gemm_config(m, n, k).get("tma") and m <= 256:
                 cfg = {**kernels.gemm_config(m, n, k), "tma": False}   # the same launch on pointer loads
-                timed(r, "w4_triton_gemm_ptr", [lambda p=p, x=x, cfg=cfg: triton_wq.gemm(x, p, None, **cfg)
+                timed(r, "w4_triton_gemm_ptr", [lambda p=p, x=x, cfg=cfg: triton_gemm.gemm(x, p, None, **cfg)
                                                 for p in packs])
         r["w4_best"] = min([v for kk, v in r.items() if (kk.startswith("w4_triton") or kk == "w4_auto")
                             and isinstance(v, float)] or [math.nan])
@@ -242,9 +244,10 @@ def run_shape(n: int, k: int, ms: list[int], tuned: dict) -> list[dict]:
             packs8 = [kernels.operands(mm, "triton_gemv1") for mm in w8s]
             cfg8 = tuned.get(f"gemv1w8_{n}x{k}") or kernels.gemv1_config(n, k, 8)
             cfg8 = {kk: v for kk, v in cfg8.items() if kk != "us"}
-            timed(r, "w8_triton_gemv1", [lambda p=p: triton_wq.gemv1(x, p, None, **cfg8) for p in packs8])
+            timed(r, "w8_triton_gemv1", [lambda p=p: triton_gemv1.gemv1(x, p, None, **cfg8) for p in packs8])
             cfg8h = kernels.gemv1h_config(n, k, 8)
-            timed(r, "w8_triton_gemv1h", [lambda p=p, x=x, c=cfg8h: triton_wq.gemv1h(x, p, None, **c) for p in packs8])
+            timed(r, "w8_triton_gemv1h", [lambda p=p, x=x, c=cfg8h: triton_gemv1.gemv1h(x, p, None, **c)
+                                          for p in packs8])
             cfg8p = kernels.gemv1p_config(n, k, 8)
             timed(r, "w8_triton_gemv1p", [lambda p=p, x=x, c=cfg8p: triton_gemv_h2.gemv1p(x, p, None, **c)
                                           for p in packs8])

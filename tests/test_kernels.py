@@ -203,7 +203,7 @@ def test_awq_input_scaled_layers_take_the_gpu_kernels(m):
 def test_gemv1_split_k_is_deterministic_and_reusable(act_order, bits):
     """The split-K GEMV reduces its partials in the last program of each row block and resets the block's
     counter: every split and tile matches the reference, and a repeated call gives the same bits."""
-    from bitsmith.kernels import triton_wq
+    from bitsmith.kernels import triton_gemv1
     mod, qw = make_layer(4096, Scheme(bits=bits, group_size=128), act_order, seed=3, n=200)
     mod = mod.cuda()
     qw = dataclasses.replace(qw, codes=qw.codes.cuda(), scale=qw.scale.cuda(), zero=qw.zero.cuda(),
@@ -213,8 +213,8 @@ def test_gemv1_split_k_is_deterministic_and_reusable(act_order, bits):
     ref = reference.weight_only_linear(x, qw, mod.bias)
     for split, block_n, block_g in [(1, 32, 2), (2, 16, 1), (3, 32, 4), (8, 64, 2), (16, 8, 2), (1, 128, 1)]:
         cfg = {"split_k": split, "block_n": block_n, "block_g": block_g}
-        y1 = triton_wq.gemv1(x, pack, mod.bias.half(), **cfg)
-        y2 = triton_wq.gemv1(x, pack, mod.bias.half(), **cfg)
+        y1 = triton_gemv1.gemv1(x, pack, mod.bias.half(), **cfg)
+        y2 = triton_gemv1.gemv1(x, pack, mod.bias.half(), **cfg)
         assert_matches(y1, ref)
         assert torch.equal(y1, y2), cfg
         for ws, cnt in pack.scratch.values():
@@ -223,8 +223,8 @@ def test_gemv1_split_k_is_deterministic_and_reusable(act_order, bits):
     for split, block_n, block_w, warps in [(1, 32, 16, 4), (3, 64, 8, 4), (8, 256, 16, 4), (16, 128, 32, 8),
                                            (5, 128, 64, 4), (8, 64, 16, 1)]:
         cfg = {"split_k": split, "block_n": block_n, "block_w": block_w, "num_warps": warps}
-        y1 = triton_wq.gemv1h(x, pack, mod.bias.half(), **cfg)
-        y2 = triton_wq.gemv1h(x, pack, mod.bias.half(), **cfg)
+        y1 = triton_gemv1.gemv1h(x, pack, mod.bias.half(), **cfg)
+        y2 = triton_gemv1.gemv1h(x, pack, mod.bias.half(), **cfg)
         assert_matches(y1, ref)
         assert torch.equal(y1, y2), cfg
         assert all(int(cnt.abs().sum()) == 0 for _, cnt in pack.scratch.values())
@@ -379,7 +379,7 @@ def test_weight_only_choice_follows_the_measured_crossovers():
 def test_gemm_split_k_is_deterministic_and_reusable(split, block_m, block_n, tma):
     """Split-K GEMM tiles (a split count that does not divide the K steps, ragged M blocks) match the
     reference, and a repeated call gives the same bits with every tile counter back at zero."""
-    from bitsmith.kernels import triton_wq
+    from bitsmith.kernels import triton_gemm
     mod, qw = make_layer(4096, Scheme(bits=4, group_size=128), False, seed=5, n=200)
     mod = mod.cuda()
     qw = dataclasses.replace(qw, codes=qw.codes.cuda(), scale=qw.scale.cuda(), zero=qw.zero.cuda())
@@ -388,8 +388,8 @@ def test_gemm_split_k_is_deterministic_and_reusable(split, block_m, block_n, tma
     ref = reference.weight_only_linear(x.float(), qw, mod.bias)
     cfg = {"split_k": split, "block_m": block_m, "block_n": block_n, "num_warps": 8 if block_m >= 128 else 4,
            "tma": tma}
-    y1 = triton_wq.gemm(x, pack, mod.bias.to(torch.bfloat16), **cfg)
-    y2 = triton_wq.gemm(x, pack, mod.bias.to(torch.bfloat16), **cfg)
+    y1 = triton_gemm.gemm(x, pack, mod.bias.to(torch.bfloat16), **cfg)
+    y2 = triton_gemm.gemm(x, pack, mod.bias.to(torch.bfloat16), **cfg)
     assert_matches(y1, ref)
     assert torch.equal(y1, y2)
     assert all(int(cnt.abs().sum()) == 0 for _, cnt in pack.scratch.values())
@@ -403,7 +403,7 @@ def test_stored_order_dequantize_and_tma_gemm_match_reference(scheme, act_order,
     """The stored-column-order dense weight (large M's dequantize + cuBLAS), the copy-engine GEMM and the
     scale-after GEMM, forced on the ragged layer (N = 80, K = 576: a partial last K step and row block) and
     a 1536-deep one."""
-    from bitsmith.kernels import triton_wq
+    from bitsmith.kernels import triton_gemm, triton_wq
     for k in (576, 1536):
         mod, qw = make_layer(k, scheme, act_order, seed=k + 1)
         mod = mod.cuda()
@@ -415,20 +415,20 @@ def test_stored_order_dequantize_and_tma_gemm_match_reference(scheme, act_order,
         for m in MS:
             x = torch.randn(m, k, device="cuda").to(dtype)
             ref = reference.weight_only_linear(x.float(), qw, mod.bias)
-            assert_matches(triton_wq.dequant_matmul(x, pack, bias), ref)
+            assert_matches(triton_gemm.dequant_matmul(x, pack, bias), ref)
             assert triton_wq.tma_reason(x, pack) is None
             for block_m, split, stages in [(16, 2, 4), (64, 1, 3)]:
                 cfg = {"block_m": block_m, "split_k": split, "num_stages": stages, "tma": True}
-                assert_matches(triton_wq.gemm(x, pack, bias, **cfg), ref)
+                assert_matches(triton_gemm.gemm(x, pack, bias, **cfg), ref)
             # scales applied per K step on the accumulator: only where a step lies within one group
             step_words, group_words = (16 if scheme.bits == 4 else 32), pack.group * scheme.bits // 32
             for tma in (False, True):
                 cfg = {"block_m": 16 if m <= 16 else 64, "split_k": 3, "tma": tma, "scale_after": True}
                 if step_words <= group_words:
-                    assert_matches(triton_wq.gemm(x, pack, bias, **cfg), ref)
+                    assert_matches(triton_gemm.gemm(x, pack, bias, **cfg), ref)
                 else:
                     with pytest.raises(ValueError, match="scale_after needs K steps within one group"):
-                        triton_wq.gemm(x, pack, bias, **cfg)
+                        triton_gemm.gemm(x, pack, bias, **cfg)
 
 
 @gpu

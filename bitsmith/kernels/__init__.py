@@ -290,7 +290,7 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
     bias = module.bias
     pack = operands(module, name)
     if name in WEIGHT_ONLY_GPU:
-        from . import triton_wq
+        from . import triton_gemm, triton_gemv1, triton_wq
         bias = None if bias is None else bias.to(x.dtype)
         m = x2.shape[0]
         if name == "triton_gemv1p" and m == 1:
@@ -302,18 +302,18 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
                 cfg = {**cfg, "pdl": True, "prefetch": 2, "pdl_trigger": "late"}
             y = triton_gemv_h2.gemv1p(x2, pack, bias, **cfg)
         elif name == "triton_gemv1h" and m == 1:
-            y = triton_wq.gemv1h(x2, pack, bias, **gemv1h_config(module.n, module.k, module.scheme.bits))
+            y = triton_gemv1.gemv1h(x2, pack, bias, **gemv1h_config(module.n, module.k, module.scheme.bits))
         elif name == "triton_gemv1" and m == 1:
-            y = triton_wq.gemv1(x2, pack, bias, **gemv1_config(module.n, module.k, module.scheme.bits))
+            y = triton_gemv1.gemv1(x2, pack, bias, **gemv1_config(module.n, module.k, module.scheme.bits))
         elif name in ("triton_gemv",) + M1_KERNELS:
             y = triton_wq.gemv(x2, pack, bias, **gemv_config(m, module.n, module.k))
         elif name == "triton_gemm":
             cfg = _tma_checked(gemm_config(m, module.n, module.k, module.scheme.bits), x2, pack)
             if cfg.get("scale_after") and not triton_wq.steps_in_group(pack, cfg["block_w"]):
                 cfg = {**cfg, "scale_after": False}       # K steps wider than a group (g32, g64)
-            y = triton_wq.gemm(x2, pack, bias, **cfg)
+            y = triton_gemm.gemm(x2, pack, bias, **cfg)
         else:
-            y = triton_wq.dequant_matmul(x2, pack, bias)
+            y = triton_gemm.dequant_matmul(x2, pack, bias)
     elif name == "cpu_fused":
         y = _fused.linear(x2, pack, bias)
     else:
@@ -375,7 +375,7 @@ def gemv1_config(n: int, k: int, bits: int = 4) -> dict:
 
 
 def gemv1h_config(n: int, k: int, bits: int = 4) -> dict:
-    """Launch of triton_wq.gemv1h (only when forced: dispatch takes gemv1p at M = 1; README). 4 bits: 64 rows
+    """Launch of triton_gemv1.gemv1h (only when forced: dispatch takes gemv1p at M = 1; README). 4 bits: 64 rows
     per program on one warp (8 rows per thread; the winner of the H200 sweep, sweep-m1.json, where a one-warp
     program also skips the cross-warp barriers of the scale loads), K split in powers of two until >= 1024
     programs; 8 bits: 128 rows over 4 warps, >= 264 programs (2 per SM). Each split keeps >= 4 K steps; fewer

@@ -1,6 +1,6 @@
 """M = 1 weight-only GEMV on packed half2 arithmetic (`gemv1p`, kernel `_wq_gemv1p_kernel`).
 
-Why: the CUDA-core GEMVs of triton_wq.py issue 3.7 (gemv1h) to 6.0 (gemv1) instructions per 4-bit code, and
+Why: the CUDA-core GEMVs of triton_gemv1.py issue 3.7 (gemv1h) to 6.0 (gemv1) instructions per 4-bit code, and
 at the H200's 4.8 TB/s a 132-SM chip must consume ~33 codes per cycle per SM: 3.7 instructions per code is
 the whole issue rate of an SM (4 x 32 lanes), so they are issue-bound (ncu: README), far from the bandwidth
 floor. Here two codes share each instruction:
@@ -27,8 +27,8 @@ import triton.language as tl
 
 from .layout import HALF2_UNIT as U  # words per unit: one fp16 partial sum, one x scale
 from .layout import WQPack, gemv1p_reason
-from .triton_wq import (_m1_run, _m1_start, _m1_words, _pdl_begin, _pdl_end, _store_rows, m1_launch, pdl_mode,
-                        pdl_reason, words_descriptor)
+from .triton_gemv1 import _m1_run, _m1_start, _m1_words, m1_launch
+from .triton_wq import _pdl_begin, _pdl_end, _store_rows, pdl_mode, pdl_reason, words_descriptor
 
 
 def _xprep_ptx(bits: int, fp16: bool) -> str:
@@ -187,7 +187,7 @@ def _wq_gemv1p_kernel(X, QW, S, Z, B, Y, WS, CNT, N, K, wpr, QP, BITS: tl.conste
                       PIPE: tl.constexpr = 0, TMA: tl.constexpr = False, PDL: tl.constexpr = 0,
                       PREFETCH: tl.constexpr = 0):
     """Program (pid_n, pid_k) owns BLOCK_N rows and a contiguous run of K steps of BLOCK_W words, as
-    triton_wq._wq_gemv1m_kernel (flat tile, next step's words in flight, split K reduced by the last program
+    triton_gemv1._wq_gemv1m_kernel (flat tile, next step's words in flight, split K reduced by the last program
     of a row block). Each step is BLOCK_W / U units of U words; per unit and row one fp16 partial sum.
     PIPE > 0: no register prefetch; Triton pipelines the step loads PIPE deep through shared memory.
     TMA (with PIPE > 0): QW is a tensor descriptor of (BLOCK_N, BLOCK_W) word tiles, fetched by the copy

@@ -15,7 +15,7 @@ import _wq_before as OLD
 
 from bitsmith import kernels
 from bitsmith.kernels import reference
-from bitsmith.kernels import triton_wq as NEW
+from bitsmith.kernels import triton_gemm as NEW
 from bitsmith.recipe import Scheme
 from tests.test_kernels import make_layer
 

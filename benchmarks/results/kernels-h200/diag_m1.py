@@ -14,7 +14,7 @@ import kernels as KB  # benchmarks/kernels.py
 from bitsmith import kernels
 from bitsmith.kernels import reference
 from bitsmith.kernels import triton_w8a8 as W
-from bitsmith.kernels import triton_wq as T
+from bitsmith.kernels import triton_gemv1 as T1
 
 if sys.argv[1] == "gemv":
     for n, k in ((8192, 28672), (28672, 8192)):
@@ -24,8 +24,8 @@ if sys.argv[1] == "gemv":
         c1, ch = kernels.gemv1_config(n, k, 4), kernels.gemv1h_config(n, k, 4)
         print(n, k, c1, ch, flush=True)
         for _ in range(3):
-            T.gemv1(x, p, None, **c1)
-            T.gemv1h(x, p, None, **ch)
+            T1.gemv1(x, p, None, **c1)
+            T1.gemv1h(x, p, None, **ch)
         torch.cuda.synchronize()
 else:
     torch.manual_seed(0)

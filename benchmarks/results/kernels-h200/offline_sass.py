@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from bitsmith import kernels  # noqa: E402
-from bitsmith.kernels import triton_gemv_h2, triton_wq  # noqa: E402
+from bitsmith.kernels import triton_gemm, triton_gemv_h2  # noqa: E402
 
 NVDISASM = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
 TARGET = GPUTarget("cuda", 90, 32)
@@ -99,7 +99,7 @@ def gemm(m: int, n: int, k: int, dump: Path | None, scale_after: bool = False) -
            "M": "i32", "N": "i32", "K": "i32", "wpr": "i32", "stride_xm": "i32", "stride_ym": "i32"}
     consts = dict(BITS=4, GS=128, HAS_ZERO=True, HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw,
                   SPLIT_K=cfg["split_k"], ASM=True, EVEN=True, FP16=False, TMA=cfg["tma"], SCALE_AFTER=scale_after)
-    kern = compile_kernel(triton_wq._wq_gemm_kernel, sig, consts, num_warps=warps, num_stages=cfg["num_stages"])
+    kern = compile_kernel(triton_gemm._wq_gemm_kernel, sig, consts, num_warps=warps, num_stages=cfg["num_stages"])
     report(f"gemm_m{m}_{n}x{k}" + ("_scale_after" if scale_after else ""), kern, bn * bw * 8 // (32 * warps), dump)
 
 

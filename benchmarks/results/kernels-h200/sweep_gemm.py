@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import kernels as KB  # benchmarks/kernels.py
 
 from bitsmith import kernels
-from bitsmith.kernels import triton_wq as T
+from bitsmith.kernels import triton_gemv1 as T1, triton_gemm as TG, triton_wq as T
 from bitsmith.primitives import dequantize_weight
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -35,7 +35,7 @@ def check(mod, p, cfg, m, wref):
         return
     checked.add(key)
     x = torch.randn(m, mod.k, device="cuda", dtype=torch.bfloat16)
-    y = T.gemm(x, p, None, **cfg).float()
+    y = TG.gemm(x, p, None, **cfg).float()
     ref = x.float() @ wref.t()
     err = float((y - ref).norm() / ref.norm())
     assert err < 1e-2, (cfg, err)
@@ -80,12 +80,12 @@ for n, k in shapes:
             pre = f"w{bits}_"
             if m == 1:
                 cfg1 = kernels.gemv1_config(n, k, bits)
-                cell[pre + "gemv1"] = KB.bench([lambda q=q: T.gemv1(x, q, None, **cfg1) for q in P])
+                cell[pre + "gemv1"] = KB.bench([lambda q=q: T1.gemv1(x, q, None, **cfg1) for q in P])
             if m <= 4:
                 cfgv = kernels.gemv_config(m, n, k)
                 cell[pre + "gemv"] = KB.bench([lambda q=q: T.gemv(x, q, None, **cfgv) for q in P])
             if bits == 4 and m >= 16:
-                cell[pre + "dequant"] = KB.bench([lambda q=q: T.dequant_matmul(x, q, None) for q in P])
+                cell[pre + "dequant"] = KB.bench([lambda q=q: TG.dequant_matmul(x, q, None) for q in P])
             dflt = kernels.gemm_config(m, n, k, bits)
             cands = [dflt] + [c for c in configs(m, n, k, bits) if c != dflt]
             best, t0 = None, time.time()
@@ -94,7 +94,7 @@ for n, k in shapes:
                     break
                 try:
                     check(mods[bits], P[0], cfg, m, wref[bits])
-                    us = KB.bench([lambda q=q: T.gemm(x, q, None, **cfg) for q in P])
+                    us = KB.bench([lambda q=q: TG.gemm(x, q, None, **cfg) for q in P])
                 except Exception as e:  # noqa: BLE001 - a failing config is a result
                     print("cfg fail", cfg, str(e)[:300], flush=True)
                     continue
@@ -107,7 +107,7 @@ for n, k in shapes:
                 cell[pre + "gemm_best_cfg"] = best[1]
                 if bits == 4:
                     try:
-                        cell[pre + "gemm_best_noasm"] = KB.bench([lambda q=q: T.gemm(x, q, None, **{**best[1], 'asm': False}) for q in P])
+                        cell[pre + "gemm_best_noasm"] = KB.bench([lambda q=q: TG.gemm(x, q, None, **{**best[1], 'asm': False}) for q in P])
                     except Exception as e:  # noqa: BLE001 - a failing config is a result
                         cell[pre + "noasm_err"] = str(e)[:200]
         res["cells"].append(cell)

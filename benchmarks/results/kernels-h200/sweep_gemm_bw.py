@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import kernels as KB  # benchmarks/kernels.py
 
 from bitsmith import kernels
-from bitsmith.kernels import triton_wq as T
+from bitsmith.kernels import triton_gemm as TG
 from bitsmith.primitives import dequantize_weight
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -37,9 +37,9 @@ for n, k in KB.SHAPES:
                           "bw32_w8": {**d, "block_w": 32, "num_warps": 8},
                           "bw32_split2x": {**d, "block_w": 32, "split_k": 2 * d["split_k"]}}.items():
             try:
-                e = float((T.gemm(x, P[0], None, **cfg).float() - ref).norm() / ref.norm())
+                e = float((TG.gemm(x, P[0], None, **cfg).float() - ref).norm() / ref.norm())
                 assert e < 1e-2, e
-                cell[name] = KB.bench([lambda q=q: T.gemm(x, q, None, **cfg) for q in P])
+                cell[name] = KB.bench([lambda q=q: TG.gemm(x, q, None, **cfg) for q in P])
             except Exception as ex:  # noqa: BLE001 - a failing config is a result
                 cell[name + "_error"] = str(ex)[:200]
         res["cells"].append(cell)

@@ -22,7 +22,7 @@ import kernels as KB  # benchmarks/kernels.py
 from bitsmith import kernels
 from bitsmith.kernels import reference
 from bitsmith.kernels import triton_w8a8 as W
-from bitsmith.kernels import triton_wq as T
+from bitsmith.kernels import triton_gemv1 as T1, triton_gemm as TG
 from bitsmith.primitives import dequantize_weight
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -77,16 +77,16 @@ for n, k in shapes:
         ref = x.float() @ wref.t()
         cell = {"N": n, "K": k, "M": 1, "bits": bits, "bf16": KB.bench([lambda wi=wi: torch.matmul(x, wi.t()) for wi in ws])}
         c1 = kernels.gemv1_config(n, k, bits)
-        cell["gemv1"] = KB.bench([lambda q=q: T.gemv1(x, q, None, **c1) for q in P])
-        cell["gemv1_err"] = err(T.gemv1(x, P[0], None, **c1), ref)
+        cell["gemv1"] = KB.bench([lambda q=q: T1.gemv1(x, q, None, **c1) for q in P])
+        cell["gemv1_err"] = err(T1.gemv1(x, P[0], None, **c1), ref)
         best, t0 = None, time.time()
         for i, cfg in enumerate(h_configs(n, k, bits)):
             if time.time() - t0 > budget:
                 break
             try:
-                e = err(T.gemv1h(x, P[0], None, **cfg), ref)
+                e = err(T1.gemv1h(x, P[0], None, **cfg), ref)
                 assert e < 1e-2, e
-                us = KB.bench([lambda q=q: T.gemv1h(x, q, None, **cfg) for q in P])
+                us = KB.bench([lambda q=q: T1.gemv1h(x, q, None, **cfg) for q in P])
             except Exception as ex:  # noqa: BLE001 - a failing config is a result
                 print("cfg fail", cfg, str(ex)[:300], flush=True)
                 continue
@@ -118,14 +118,14 @@ for n, k in shapes:
             cands["w8_split2x"] = {**d, "num_warps": 8, "split_k": 2 * d["split_k"]}
         for name, cfg in cands.items():
             try:
-                e = err(T.gemm(x, P[0], None, **cfg), ref)
+                e = err(TG.gemm(x, P[0], None, **cfg), ref)
                 assert e < 1e-2, e
-                cell[name] = KB.bench([lambda q=q: T.gemm(x, q, None, **cfg) for q in P])
+                cell[name] = KB.bench([lambda q=q: TG.gemm(x, q, None, **cfg) for q in P])
                 cell[name + "_cfg"] = cfg
             except Exception as ex:  # noqa: BLE001
                 cell[name + "_error"] = str(ex)[:200]
         if m >= 16:
-            cell["dequant"] = KB.bench([lambda q=q: T.dequant_matmul(x, q, None) for q in P])
+            cell["dequant"] = KB.bench([lambda q=q: TG.dequant_matmul(x, q, None) for q in P])
         res["cells"].append(cell)
         print(json.dumps({kk: (round(v, 2) if isinstance(v, float) else v) for kk, v in cell.items() if not kk.endswith("_cfg")}), flush=True)
         save()

@@ -22,7 +22,7 @@ import kernels as KB  # benchmarks/kernels.py
 
 from bitsmith import kernels
 from bitsmith.kernels import triton_gemv_h2 as H2
-from bitsmith.kernels import triton_wq as T
+from bitsmith.kernels import triton_gemv1 as T1
 from bitsmith.primitives import dequantize_weight
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -84,12 +84,12 @@ for n, k in SHAPES:
         ref = x.float() @ dequantize_weight(mod.qweight(), torch.float32).t()
         cell = {"N": n, "K": k, "bits": bits, "bf16": KB.bench([lambda wi=wi: torch.matmul(x, wi.t()) for wi in ws])}
         c1 = kernels.gemv1_config(n, k, bits)
-        cell["gemv1"] = KB.bench([lambda q=q: T.gemv1(x, q, None, **c1) for q in P])
-        cell["gemv1_err"] = float((T.gemv1(x, P[0], None, **c1).float() - ref).norm() / ref.norm())
+        cell["gemv1"] = KB.bench([lambda q=q: T1.gemv1(x, q, None, **c1) for q in P])
+        cell["gemv1_err"] = float((T1.gemv1(x, P[0], None, **c1).float() - ref).norm() / ref.norm())
         if KIND in ("p", "pipe"):
             ch = kernels.gemv1h_config(n, k, bits)
-            cell["gemv1h"] = KB.bench([lambda q=q: T.gemv1h(x, q, None, **ch) for q in P])
-        fn, cfgs = {"h": (T.gemv1h, configs), "p": (H2.gemv1p, configs_p),
+            cell["gemv1h"] = KB.bench([lambda q=q: T1.gemv1h(x, q, None, **ch) for q in P])
+        fn, cfgs = {"h": (T1.gemv1h, configs), "p": (H2.gemv1p, configs_p),
                     "pipe": (H2.gemv1p, configs_pipe)}[KIND]
         cfgs = cfgs(n, k, bits)
         t0, best = time.time(), None

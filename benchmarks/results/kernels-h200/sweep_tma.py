@@ -30,7 +30,7 @@ import kernels as KB  # benchmarks/kernels.py
 
 from bitsmith import kernels
 from bitsmith.kernels import triton_gemv_h2 as H2
-from bitsmith.kernels import triton_wq as T
+from bitsmith.kernels import triton_gemm as TG
 from bitsmith.primitives import dequantize_weight
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -91,7 +91,7 @@ def m1_cells(n, k, mod, bits):
     if bits == 4:
         for bn, sk, st in [(64, 8, 4), (64, 4, 4), (128, 4, 4), (64, 8, 6)]:
             cfg = {"block_m": 16, "block_n": bn, "split_k": sk, "num_warps": 4, "num_stages": st, "tma": True}
-            check_and_time(cell, f"gemmtma_bn{bn}_sk{sk}_s{st}", lambda q, cfg=cfg: T.gemm(x, q, None, **cfg),
+            check_and_time(cell, f"gemmtma_bn{bn}_sk{sk}_s{st}", lambda q, cfg=cfg: TG.gemm(x, q, None, **cfg),
                            packs, x, ref)
     return cell
 
@@ -105,9 +105,9 @@ def gemm_cells(n, k, mod, m):
     d = kernels.gemm_config(m, n, k, 4)
     cell["rule"] = d
     if m <= 256:
-        check_and_time(cell, "gemm_rule", lambda q: T.gemm(x, q, None, **d), packs, x, ref)
+        check_and_time(cell, "gemm_rule", lambda q: TG.gemm(x, q, None, **d), packs, x, ref)
     if os.environ.get("SA") and m <= 64:
-        check_and_time(cell, "gemm_rule_sa", lambda q: T.gemm(x, q, None, **{**d, "scale_after": True}), packs, x,
+        check_and_time(cell, "gemm_rule_sa", lambda q: TG.gemm(x, q, None, **{**d, "scale_after": True}), packs, x,
                        ref)
         for tma in (d["tma"],):
             for st in (3, 4):
@@ -116,7 +116,7 @@ def gemm_cells(n, k, mod, m):
                     cfg.pop("scale_after", None)
                     for sa in (False, True):
                         key = f"t{int(tma)}_s{st}_sk{sk}" + ("_sa" if sa else "")
-                        check_and_time(cell, key, lambda q, cfg=cfg, sa=sa: T.gemm(x, q, None, **cfg, scale_after=sa),
+                        check_and_time(cell, key, lambda q, cfg=cfg, sa=sa: TG.gemm(x, q, None, **cfg, scale_after=sa),
                                        packs, x, ref)
         return cell
     if m >= 16 and not os.environ.get("SKIP_DEQUANT"):
@@ -124,12 +124,12 @@ def gemm_cells(n, k, mod, m):
         for bn, bw, nw in [(32, 16, 4), (64, 16, 4), (32, 32, 4), (64, 32, 8)]:
             cfg = {"block_n": bn, "block_w": bw, "num_warps": nw}
             check_and_time(cell, f"dequant_s_bn{bn}_bw{bw}_w{nw}",
-                           lambda q, cfg=cfg: T.dequant_matmul(x, q, None, **cfg), packs, x, ref)
+                           lambda q, cfg=cfg: TG.dequant_matmul(x, q, None, **cfg), packs, x, ref)
     if m > 256:          # large M: the TMA GEMM against the bf16 GEMM it must not lose to
         for bm, bn, st in [(128, 128, 4), (256, 128, 3), (128, 256, 3)]:
             cfg = {"block_m": bm, "block_n": bn, "split_k": 1, "num_warps": 8, "num_stages": st, "block_w": 16,
                    "tma": True}
-            check_and_time(cell, f"tma_bm{bm}_bn{bn}_w8_sk1_s{st}", lambda q, cfg=cfg: T.gemm(x, q, None, **cfg),
+            check_and_time(cell, f"tma_bm{bm}_bn{bn}_w8_sk1_s{st}", lambda q, cfg=cfg: TG.gemm(x, q, None, **cfg),
                            packs, x, ref)
         return cell
     tiles = ([(16, 64, 4), (16, 128, 4)] if m <= 16 else [(64, 64, 4), (64, 128, 4), (64, 128, 8)] if m <= 64
@@ -146,7 +146,7 @@ def gemm_cells(n, k, mod, m):
                 key = f"tma_bm{bm}_bn{bn}_w{nw}_sk{sk}_s{st}"
                 if key in cell or key + "_error" in cell:
                     continue
-                check_and_time(cell, key, lambda q, cfg=cfg: T.gemm(x, q, None, **cfg), packs, x, ref)
+                check_and_time(cell, key, lambda q, cfg=cfg: TG.gemm(x, q, None, **cfg), packs, x, ref)
     return cell
 
 

@@ -432,6 +432,40 @@ def test_stored_order_dequantize_and_tma_gemm_match_reference(scheme, act_order,
 
 
 @gpu
+@pytest.mark.parametrize("scheme", GPU_SCHEMES, ids=lambda s: s.label())
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kperm_gemm_matches_reference(scheme, act_order, dtype):
+    """The GEMM with its K steps in the MMA fragments' order (kperm: x permuted per tile in the kernel, or
+    once per call) matches the reference on ragged and deep layers, split, through the copy engine and with
+    scale_after; it refuses what it cannot run (8 bits; kperm=2 where K is not a multiple of 128)."""
+    from bitsmith.kernels import triton_gemm
+    for k in KS:
+        mod, qw = make_layer(k, scheme, act_order, seed=k + 7)
+        mod = mod.cuda()
+        qw = dataclasses.replace(qw, codes=qw.codes.cuda(), scale=qw.scale.cuda(),
+                                 zero=None if qw.zero is None else qw.zero.cuda(),
+                                 perm=None if qw.perm is None else qw.perm.cuda())
+        pack = kernels.operands(mod, "triton_gemm")
+        bias = mod.bias.to(dtype)
+        for m in MS:
+            x = torch.randn(m, k, device="cuda").to(dtype)
+            ref = reference.weight_only_linear(x.float(), qw, mod.bias)
+            for kperm in (1, 2):
+                for tma, split, scale_after in [(False, 1, False), (True, 3, False), (True, 2, True)]:
+                    cfg = {"block_m": 16 if m <= 16 else 64, "split_k": split, "tma": tma, "kperm": kperm,
+                           "scale_after": scale_after and pack.group >= 128}
+                    if scheme.bits != 4:
+                        with pytest.raises(ValueError, match="kperm needs the 4-bit"):
+                            triton_gemm.gemm(x, pack, bias, **cfg)
+                    elif kperm == 2 and k % 128:
+                        with pytest.raises(ValueError, match="not a multiple"):
+                            triton_gemm.gemm(x, pack, bias, **cfg)
+                    else:
+                        assert_matches(triton_gemm.gemm(x, pack, bias, **cfg), ref)
+
+
+@gpu
 @pytest.mark.parametrize("name", ["int8_fused", "int8_tma", "int8_intmm", "fp8"])
 @pytest.mark.parametrize("k", KS)
 def test_w8a8_kernels_match_reference(name, k):

@@ -108,8 +108,28 @@ def _interleave(c, CPW: tl.constexpr):
 
 
 @triton.jit
+def _kperm_w(c):
+    """The 8 (BN, 16) code tiles of a 16-word step of 4-bit codes -> (BN, 128) in the MMA's K order (see
+    _wq_gemm_kernel's KPERM): word 4c + w', code 4b + 2sp + h at dot position 32w' + 16sp + 8h + 2c + b."""
+    bn: tl.constexpr = c[0].shape[0]
+    t = tl.join(tl.join(tl.join(c[0], c[4]), tl.join(c[1], c[5])),      # (BN, 16, b, h, sp)
+                tl.join(tl.join(c[2], c[6]), tl.join(c[3], c[7])))
+    t = tl.permute(tl.reshape(t, (bn, 4, 4, 2, 2, 2)), (0, 2, 5, 4, 1, 3))
+    return tl.reshape(t, (bn, 128))
+
+
+@triton.jit
+def _kperm_x(xt):
+    """A (BM, 128) x tile in stored column order -> the MMA's K order of _kperm_w (stored column
+    32c + 8w' + 4b + 2sp + h at dot position 32w' + 16sp + 8h + 2c + b)."""
+    bm: tl.constexpr = xt.shape[0]
+    t = tl.permute(tl.reshape(xt, (bm, 4, 4, 2, 2, 2)), (0, 2, 4, 5, 1, 3))
+    return tl.reshape(t, (bm, 128))
+
+
+@triton.jit
 def _dq_tile(w, s, z, BITS: tl.constexpr, ASM: tl.constexpr, FP16: tl.constexpr, SCALED: tl.constexpr,
-             dt: tl.constexpr):
+             dt: tl.constexpr, KPERM: tl.constexpr = 0):
     """A (BLOCK_N, BLOCK_W) tile of words -> the (BLOCK_N, BLOCK_W * CPW) weights in stored column order
     (CPW * word + i), in dtype dt: (q - z) * s, or the exact q - z when not SCALED. ASM: 4-bit codes with
     integer zero points by packed half-float instructions (_dq4_asm); else the fp32 path (_codes_f).
@@ -126,6 +146,8 @@ def _dq_tile(w, s, z, BITS: tl.constexpr, ASM: tl.constexpr, FP16: tl.constexpr,
         c = _codes_f(w, s, z * s, BITS, HI, dt)
     else:
         c = _codes_f(w, tl.full(s.shape, 1.0, tl.float32), z, BITS, HI, dt)
+    if KPERM:
+        return _kperm_w(c)
     return tl.reshape(_interleave(c, CPW), (w.shape[0], w.shape[1] * CPW))
 
 
@@ -134,7 +156,7 @@ def _wq_gemm_kernel(X, QW, S, Z, B, Y, WS, CNT, M, N, K, wpr, stride_xm, stride_
                       BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
                       ASM: tl.constexpr, EVEN: tl.constexpr, FP16: tl.constexpr, TMA: tl.constexpr = False,
-                      SCALE_AFTER: tl.constexpr = False):
+                      SCALE_AFTER: tl.constexpr = False, KPERM: tl.constexpr = 0):
     """Tensor-core GEMM with the operands swapped: acc (BLOCK_N, BLOCK_M) = W tile x x^T, so the weights fill
     the MMA's M side (64 rows per warpgroup on Hopper) and a few rows of x are its narrow N side (M = 1..16
     costs about the same). The dequantized weights stay in registers as the MMA's A operand (Triton keeps
@@ -149,7 +171,17 @@ def _wq_gemm_kernel(X, QW, S, Z, B, Y, WS, CNT, M, N, K, wpr, stride_xm, stride_
     SCALE_AFTER (steps within one group only): the weights enter the dot as the exact q - z and the step's
     fp32 product is scaled per row afterwards, on the accumulator: no packed multiply per code pair (SASS
     of the K loop compiled offline: 4.1 instead of 5.6 instructions per code at M = 16; faster on some
-    launches only, gemm_config)."""
+    launches only, gemm_config).
+    KPERM (4 bits, 16-word steps): a dot's K positions may come in any order shared by both operands, so each
+    step takes the order in which the dequantization's outputs already are the MMA's A fragments. A thread
+    of the fragment layout holds, per 16-deep slice, the K pairs (2c, 2c + 1) and (2c + 8, 2c + 9) of two
+    rows (c = lane % 4); in stored order those pairs are spread over every word, so Triton moved the
+    dequantized tile through shared memory (4 store / ldmatrix rounds and 8 barriers per step) and waited
+    on each wgmma. In the KPERM order, stored column 32c + 8w' + 4b + 2sp + h of the step sits at dot
+    position 32w' + 16sp + 8h + 2c + b: thread column c needs exactly the words 4c..4c+3 (one 16-byte
+    load per row), and each packed pair (codes i, i + 4) of _dq4_asm is one fragment register. x is
+    permuted the same way (_kperm_x per tile, or once per call on the host: KPERM = 2). SASS of the K loop
+    (offline, M = 16): 3.8 instead of 5.6 instructions per code, the 8 wgmmas of a step issued back to back."""
     CPW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GS // CPW
     pid_m = tl.program_id(0)                     # fastest: programs sharing a weight tile run together (L2)
@@ -176,13 +208,15 @@ def _wq_gemm_kernel(X, QW, S, Z, B, Y, WS, CNT, M, N, K, wpr, stride_xm, stride_
         # one dot over all BLOCK_W * CPW codes of the step, x in stored column order (CPW * word + i): one
         # wide MMA chain and one contiguous x tile per step instead of CPW narrow dots over a gathered x
         # (measured ~15% faster on an H200 at M = 16, README)
-        wt = _dq_tile(w, s, z, BITS, ASM, FP16, not SCALE_AFTER, Y.dtype.element_ty)
+        wt = _dq_tile(w, s, z, BITS, ASM, FP16, not SCALE_AFTER, Y.dtype.element_ty, KPERM)
         if TMA:
             xt = X.load([pid_m * BLOCK_M, t * (BLOCK_W * CPW)])
         else:
             xk = t * (BLOCK_W * CPW) + tl.arange(0, BLOCK_W * CPW)
             xt = tl.load(X + rm[:, None] * stride_xm + xk[None, :], mask=mmask[:, None] & (xk < K)[None, :],
                          other=0.0)
+        if KPERM == 1:
+            xt = _kperm_x(xt)
         if SCALE_AFTER:
             acc += tl.dot(wt, tl.trans(xt)) * s
         else:
@@ -232,14 +266,23 @@ def _wq_dequant_s_kernel(QW, S, Z, W, N, K, wpr, BITS: tl.constexpr, GS: tl.cons
 # ---- launchers ---------------------------------------------------------------------------------------
 def gemm(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block_m: int | None = None,
          block_n: int = 128, block_w: int | None = None, split_k: int = 1, num_warps: int = 4,
-         num_stages: int = 3, asm: bool = True, tma: bool = False, scale_after: bool = False) -> torch.Tensor:
+         num_stages: int = 3, asm: bool = True, tma: bool = False, scale_after: bool = False,
+         kperm: int = 0) -> torch.Tensor:
     """`asm`: 4-bit codes with integer zero points dequantized by packed half-float instructions
     (_dq4_asm); 8-bit codes, fractional zeros and asm=False take the fp32 path. x is read in the weights'
     stored column order (gathered only under act-order). `tma`: x and the words through the copy engine
     (tma_reason says where it cannot). `scale_after`: scales applied to each step's product instead of to
-    every code (K steps must lie within one group, steps_in_group; gemm_config says where it is faster)."""
+    every code (K steps must lie within one group, steps_in_group; gemm_config says where it is faster).
+    `kperm` (4 bits, 16-word steps): the dot runs over each step's K positions in the order that puts every
+    dequantized code pair straight into the MMA's register fragments (_wq_gemm_kernel); x follows that order,
+    permuted per tile in the kernel (1) or once per call here (2, K a multiple of 128)."""
     m = x2.shape[0]
-    xp = stored_x(x2, p)
+    if kperm and not (asm and p.bits == 4 and p.int_zero and (block_w or 16) == 16):
+        raise ValueError("gemm: kperm needs the 4-bit packed dequantization (asm, integer zero points) and "
+                         "16-word K steps")
+    if kperm == 2 and p.k % 128:
+        raise ValueError(f"gemm: kperm=2 permutes x per 128 columns, K={p.k} is not a multiple; use kperm=1")
+    xp = kperm_x(x2, p) if kperm == 2 else stored_x(x2, p)
     if tma and not xp.is_contiguous():
         xp = xp.contiguous()
     zero, b = _operands(p, bias)
@@ -264,9 +307,17 @@ def gemm(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block
         xa, qa, p.scale, zero, b, y, ws, cnt, m, p.n, p.k, p.k // cpw, xp.stride(0), y.stride(0),
         BITS=p.bits, GS=p.group, HAS_ZERO=p.zero is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k, ASM=asm and p.bits == 4 and p.int_zero, EVEN=even,
-        FP16=x2.dtype == torch.float16, TMA=tma, SCALE_AFTER=scale_after, num_warps=num_warps,
+        FP16=x2.dtype == torch.float16, TMA=tma, SCALE_AFTER=scale_after, KPERM=kperm, num_warps=num_warps,
         num_stages=num_stages)
     return y
+
+
+def kperm_x(x2: torch.Tensor, p: WQPack) -> torch.Tensor:
+    """x in stored column order, each 128 columns permuted into the MMA's K order of _kperm_x (a contiguous
+    copy; K a multiple of 128)."""
+    x = stored_x(x2, p)
+    m, k = x.shape
+    return x.reshape(m, k // 128, 4, 4, 2, 2, 2).permute(0, 1, 3, 5, 6, 2, 4).reshape(m, k)
 
 
 def dequantize_stored(p: WQPack, dtype: torch.dtype, *, block_n: int = 32, block_w: int | None = None,

@@ -88,7 +88,7 @@ def gemv1p(n: int, k: int, dump: Path | None, pdl: int = -1, bits: int = 4) -> N
            dump)
 
 
-def gemm(m: int, n: int, k: int, dump: Path | None, scale_after: bool = False) -> None:
+def gemm(m: int, n: int, k: int, dump: Path | None, scale_after: bool = False, kperm: int = 0) -> None:
     cfg = kernels.gemm_config(m, n, k, 4)
     bm, bn, bw, warps = cfg["block_m"], cfg["block_n"], cfg["block_w"], cfg["num_warps"]
     if cfg["tma"]:
@@ -98,15 +98,17 @@ def gemm(m: int, n: int, k: int, dump: Path | None, scale_after: bool = False) -
     sig = {"X": x, "QW": qw, "S": "*fp16", "Z": "*fp16", "B": "*fp16", "Y": "*bf16", "WS": "*fp32", "CNT": "*i32",
            "M": "i32", "N": "i32", "K": "i32", "wpr": "i32", "stride_xm": "i32", "stride_ym": "i32"}
     consts = dict(BITS=4, GS=128, HAS_ZERO=True, HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw,
-                  SPLIT_K=cfg["split_k"], ASM=True, EVEN=True, FP16=False, TMA=cfg["tma"], SCALE_AFTER=scale_after)
+                  SPLIT_K=cfg["split_k"], ASM=True, EVEN=True, FP16=False, TMA=cfg["tma"], SCALE_AFTER=scale_after,
+                  KPERM=kperm)
     kern = compile_kernel(triton_gemm._wq_gemm_kernel, sig, consts, num_warps=warps, num_stages=cfg["num_stages"])
-    report(f"gemm_m{m}_{n}x{k}" + ("_scale_after" if scale_after else ""), kern, bn * bw * 8 // (32 * warps), dump)
+    report(f"gemm_m{m}_{n}x{k}" + ("_scale_after" if scale_after else "") + (f"_kperm{kperm}" if kperm else ""), kern, bn * bw * 8 // (32 * warps), dump)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dump", type=Path, help="also write each launch's SASS into this folder")
     ap.add_argument("--pdl", action="store_true", help="only the M = 1 launches, with and without PDL")
+    ap.add_argument("--kperm", action="store_true", help="only the GEMM launches, with and without kperm")
     args = ap.parse_args()
     if args.dump:
         args.dump.mkdir(parents=True, exist_ok=True)
@@ -115,6 +117,13 @@ def main() -> None:
             for bits in (4, 8):
                 for pdl in (-1, 0, 2):
                     gemv1p(n, k, args.dump, pdl, bits)
+        return
+    if args.kperm:
+        for n, k in [(28672, 8192), (4096, 4096)]:
+            for m in (16, 64, 256, 2048):
+                for sa in (False, True) if m <= 64 else (False,):
+                    for kp in (0, 1, 2):
+                        gemm(m, n, k, args.dump, sa, kperm=kp)
         return
     for n, k in [(28672, 8192), (8192, 28672)]:
         gemv1p(n, k, args.dump)

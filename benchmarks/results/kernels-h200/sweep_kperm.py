@@ -5,6 +5,11 @@ rule, bf16 in the same run, 4 bits g128 on the issue's five shapes.
               with half and twice the split; the rule with kperm=2 (x permuted once per call).
   M = 256:    what dispatch runs; the TMA GEMM at 256 x 128 tiles with kperm 0 / 1 / 2; dequantize + cuBLAS.
   M = 2048:   dequantize + cuBLAS; the TMA GEMM at 256 x 128 and 128 x 256 with kperm=2.
+FINE=1 (call 2), around call 1's winners:
+  M <= 16:    kperm=1 through the copy engine, split (half / rule / twice), scale_after, 64 or 128 weight
+              rows, 3 or 4 stages.
+  M = 17-64:  kperm 0 / 1 / 2, splits 1-8, scale_after.
+  M = 256:    kperm=2 at 128 x 128 and 128 x 64 tiles, 3 / 4 stages, split 1 / 2; dequantize + cuBLAS.
 Each config is first checked against a float32 dequantized matmul (relative error < 1e-2); a failing or
 wrong config is recorded, not timed. Writes $OUT/sweep-kperm.json as it goes; stops starting cells after
 BUDGET seconds.
@@ -55,6 +60,8 @@ def gemm_cells(n, k, mod, m):
     d = kernels.gemm_config(m, n, k, 4)
     cell["rule"] = d
     run = lambda cfg: (lambda q: TG.gemm(x, q, None, **cfg))   # noqa: E731
+    if os.environ.get("FINE"):
+        return fine_cells(cell, d, run, packs, ref, m, x)
     if m <= 64:
         check_and_time(cell, "rule", run(d), packs, ref)
         check_and_time(cell, "k1", run({**d, "kperm": 1}), packs, ref)
@@ -80,6 +87,33 @@ def gemm_cells(n, k, mod, m):
     else:
         check_and_time(cell, "t256_k2", run({**big, "kperm": 2}), packs, ref)
         check_and_time(cell, "t128x256_k2", run({**big, "block_m": 128, "block_n": 256, "kperm": 2}), packs, ref)
+    return cell
+
+
+def fine_cells(cell, d, run, packs, ref, m, x):
+    check_and_time(cell, "rule", run(d), packs, ref)
+    if m <= 16:
+        for sk in sorted({max(1, d["split_k"] // 2), d["split_k"], 2 * d["split_k"]}):
+            for bn in (64, 128):
+                for st in (3, 4):
+                    for sa in (False, True):
+                        cfg = {**d, "kperm": 1, "tma": True, "split_k": sk, "block_n": bn, "num_stages": st,
+                               "scale_after": sa}
+                        check_and_time(cell, f"k1_sk{sk}_bn{bn}_s{st}" + ("_sa" if sa else ""), run(cfg), packs, ref)
+    elif m <= 64:
+        for kp in (0, 1, 2):
+            for sk in (1, 2, 4, 8):
+                for sa in (False, True):
+                    cfg = {**d, "kperm": kp, "split_k": sk, "scale_after": sa}
+                    check_and_time(cell, f"k{kp}_sk{sk}" + ("_sa" if sa else ""), run(cfg), packs, ref)
+    else:
+        check_and_time(cell, "dequant", lambda q: TG.dequant_matmul(x, q, None), packs, ref)
+        for bm, bn in ((128, 128), (128, 64), (64, 128)):
+            for st in (3, 4):
+                for sk in (1, 2):
+                    cfg = {"block_m": bm, "block_n": bn, "split_k": sk, "num_warps": 8 if bn == 128 else 4,
+                           "num_stages": st, "block_w": 16, "tma": True, "kperm": 2}
+                    check_and_time(cell, f"k2_bm{bm}_bn{bn}_s{st}_sk{sk}", run(cfg), packs, ref)
     return cell
 
 

@@ -350,9 +350,9 @@ def test_weight_only_choice_follows_the_measured_crossovers():
     assert kernels.weight_only_choice(4, 4096, 14336) == "triton_gemm"
     assert kernels.weight_only_choice(64, 4096, 4096) == "triton_gemm"
     assert kernels.weight_only_choice(256, 4096, 4096) == "triton_dequant"
-    assert kernels.weight_only_choice(256, 28672, 8192) == "triton_gemm"          # 4 bits, >= 14336 rows
+    assert kernels.weight_only_choice(256, 28672, 8192) == "triton_gemm"          # 4 bits, >= 2^25 weights
+    assert kernels.weight_only_choice(256, 4096, 14336) == "triton_gemm"
     assert kernels.weight_only_choice(256, 28672, 8192, bits=8) == "triton_dequant"
-    assert kernels.weight_only_choice(256, 8192, 28672) == "triton_dequant"
     assert kernels.weight_only_choice(2048, 8192, 28672) == "triton_dequant"
     assert kernels.gemv_config(1, 8192, 28672)["split_k"] == 4 and kernels.gemv_config(1, 28672, 8192)["split_k"] == 1
     # the GEMM splits K to fill the GPU without overshooting it (4 bits: at most 1024 / 256 programs at
@@ -362,14 +362,21 @@ def test_weight_only_choice_follows_the_measured_crossovers():
     assert [kernels.gemm_config(64, n, k)["split_k"] for n, k in shapes] == [1, 4, 2, 8, 8]
     assert [kernels.gemm_config(64, n, k, bits=8)["split_k"] for n, k in shapes[:2]] == [2, 4]
     assert kernels.gemm_config(2048, 8192, 28672)["split_k"] == 1
-    # scale_after where it won: 4096-row layers at M <= 16, launches of <= 2 splits at M = 17-64
-    assert [bool(kernels.gemm_config(16, n, k).get("scale_after")) for n, k in shapes] == [0, 0, 0, 1, 1]
+    # scale_after where it won: layers of <= 8192 rows at M <= 16, launches of <= 2 splits at M = 17-64
+    assert [bool(kernels.gemm_config(16, n, k).get("scale_after")) for n, k in shapes] == [0, 1, 0, 1, 1]
     assert [bool(kernels.gemm_config(64, n, k).get("scale_after")) for n, k in shapes] == [1, 0, 1, 0, 0]
     assert "scale_after" not in kernels.gemm_config(16, 4096, 4096, bits=8)
+    # kperm (4 bits): x permuted per tile at M <= 16, once per call where M = 17-64 launches keep <= 2
+    # splits and above M = 64 (128 x 128 tiles, split 2 where that leaves <= 128 tiles)
+    assert [kernels.gemm_config(16, n, k).get("kperm") for n, k in shapes] == [1, 1, 1, 1, 1]
+    assert [kernels.gemm_config(64, n, k).get("kperm") for n, k in shapes] == [2, None, 2, None, None]
+    assert [(kernels.gemm_config(256, n, k)["kperm"], kernels.gemm_config(256, n, k)["split_k"])
+            for n, k in shapes[:4]] == [(2, 1), (2, 2), (2, 1), (2, 2)]
+    assert "kperm" not in kernels.gemm_config(16, 4096, 4096, bits=8)
     assert kernels.gemm_config(2048, 8192, 28672, bits=8)["block_m"] == 128   # 256 rows overflow shared memory
-    # the copy engine: 4 bits from M = 17 everywhere, at M <= 16 on layers of >= 2^27 weights
+    # the copy engine at 4 bits everywhere (at M <= 16 since kperm; before, only on layers of >= 2^27 weights)
     assert [kernels.gemm_config(m, 28672, 8192)["tma"] for m in (4, 64, 256)] == [True, True, True]
-    assert [kernels.gemm_config(m, 4096, 4096)["tma"] for m in (4, 64)] == [False, True]
+    assert [kernels.gemm_config(m, 4096, 4096)["tma"] for m in (4, 64)] == [True, True]
     assert not kernels.gemm_config(64, 28672, 8192, bits=8)["tma"]
 
 
@@ -463,6 +470,20 @@ def test_kperm_gemm_matches_reference(scheme, act_order, dtype):
                             triton_gemm.gemm(x, pack, bias, **cfg)
                     else:
                         assert_matches(triton_gemm.gemm(x, pack, bias, **cfg), ref)
+
+
+@gpu
+@pytest.mark.parametrize("k", [576, 4096])
+def test_gemm_dispatch_drops_kperm_where_the_pack_cannot_run_it(k):
+    """Dispatch asks for kperm at 4 bits; fractional zero points (HQQ-style) have no packed dequantization
+    and K = 576 cannot take the per-call x permutation, so those launches run without it and still match."""
+    mod, qw = make_layer(k, Scheme(bits=4, group_size=128), False, seed=k + 11)
+    qw = dataclasses.replace(qw, zero=qw.zero + 0.25)
+    mod = QuantLinear.from_qweight(qw, mod.bias).cuda()
+    assert kernels.gemm_config(3, mod.n, k)["kperm"] == 1 and kernels.gemm_config(200, mod.n, k)["kperm"] == 2
+    for m in (3, 64, 200):
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        assert_matches(kernels.run(mod, x, "triton_gemm"), reference.weight_only_linear(x.float(), qw, mod.bias))
 
 
 @gpu

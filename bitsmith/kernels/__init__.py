@@ -209,14 +209,14 @@ def weight_only_choice(m: int, n: int, k: int, bits: int = 4) -> str:
     packed-half2 GEMV (1.0-1.4x faster than gemv1 on the nine shapes swept, 4 and 8 bits), except 8-bit
     layers under 8M weights, where gemv1 was faster (1024x4096: 5.1 vs 5.9 us); the swapped tensor-core
     GEMM from M = 2 to 64 on every shape (the CUDA-core multi-row GEMV never wins any more), and at 4 bits
-    up to M = 256 on layers of >= 14336 rows (its copy-engine launch at M = 256: 289 / 76 us on 28672x8192
-    / 14336x4096 against 341 / 88 for dequantize + cuBLAS; 321 against 337 on 8192x28672, not taken, and
-    slower on the 4096-row shapes, sweep-tma*.json); above, a dense dequantize + cuBLAS (the GEMM at
-    M = 2048: 2032 against 1517 us on 28672x8192).
+    up to M = 256 on layers of >= 2^25 weights (session 9, sweep-kperm-fine.json: its kperm launch at
+    M = 256 243 / 276 / 72 / 83 us on 28672x8192 / 8192x28672 / 14336x4096 / 4096x14336 against 359 / 341
+    / 87 / 91 for dequantize + cuBLAS; 4096x4096 32 against 26); above, a dense dequantize + cuBLAS (the
+    GEMM at M = 2048: 1887 against 1547 us on 28672x8192).
     Where gemv1p cannot run a layer (fractional zeros, ragged 4-word units) dispatch takes gemv1."""
     if m == 1:
         return "triton_gemv1" if bits == 8 and n * k < 2**23 else "triton_gemv1p"
-    if m <= 64 or m <= 256 and bits == 4 and n >= 14336:
+    if m <= 64 or m <= 256 and bits == 4 and n * k >= 2**25:
         return "triton_gemm"
     return "triton_dequant"
 
@@ -311,6 +311,8 @@ def run(module, x: torch.Tensor, name: str) -> torch.Tensor:
             cfg = _tma_checked(gemm_config(m, module.n, module.k, module.scheme.bits), x2, pack)
             if cfg.get("scale_after") and not triton_wq.steps_in_group(pack, cfg["block_w"]):
                 cfg = {**cfg, "scale_after": False}       # K steps wider than a group (g32, g64)
+            if cfg.get("kperm") and not triton_gemm.kperm_ok(pack, cfg["block_w"], cfg["kperm"]):
+                cfg = {**cfg, "kperm": 0}                 # fractional zeros, 8 bits, K not a multiple of 128
             y = triton_gemm.gemm(x2, pack, bias, **cfg)
         else:
             y = triton_gemm.dequant_matmul(x2, pack, bias)
@@ -441,21 +443,29 @@ def gemm_config(m: int, n: int, k: int, bits: int = 4) -> dict:
     says (14336x4096 at M = 16: 24.5 against 27.5 us; 28672x8192 at M = 64: 121.4 against 128.6), and
     scale_after on the 4096-row layers at M <= 16 (4096x14336 at M = 16: 25.8 against 28.4) and on
     launches of <= 2 splits at M = 17-64 (28672x8192: 114.7 against 121.4); it lost 15-40% elsewhere.
+    4 bits, session 9 (sweep-kperm*.json): kperm, the K order in which the dequantized pairs are the MMA's
+    fragments (triton_gemm.gemm). At M <= 16 kperm = 1 (x permuted per tile) through the copy engine on
+    every shape, 64 weight rows, 3 stages, the split rule above, scale_after on layers of <= 8192 rows: M = 16
+    54.9 / 62.3 / 18.7 / 19.3 / 9.6 us on 28672x8192 / 8192x28672 / 14336x4096 / 4096x14336 / 4096x4096
+    against 75.5 / 74.5 / 24.4 / 25.7 / 11.5 for the session-8 rule. At M = 17-64 kperm = 2 (x permuted
+    once per call) with scale_after where the split is <= 2 (28672x8192: 83.2 against 115.5; 14336x4096:
+    31.8 against 36.7); with more splits it lost (8192x28672 at split 4: 130.2 against 112.2), so none
+    there. At M = 65-256 kperm = 2 at 128 x 128 tiles, 8 warps, split 2 where that leaves <= 128 tiles.
     (TUNED winners override it.)"""
     if ("triton_gemm", n, k, m_bucket(m)) in TUNED:
         return TUNED["triton_gemm", n, k, m_bucket(m)]
     block_w = 16 if bits == 4 else 32
     if m <= 16:
         block_m, block_n, warps, target = 16, 64, 4, 1024
-        tma = bits == 4 and n * k >= 2**27
+        tma = bits == 4
     elif m <= 64:
         block_m, block_n, warps, target = 64, 128, 8 if bits == 4 else 4, 256
         tma = bits == 4
     else:
-        block_m, block_n, warps, target = 128 if m <= 128 or bits == 8 else 256, 128, 8, 1
+        block_m, block_n, warps, target = 128, 128, 8, 1
         tma = bits == 4
     tiles = -(-m // block_m) * -(-n // block_n)
-    groups, split, scale_after = k // 128, 1, False
+    groups, split, scale_after, kperm = k // 128, 1, False, 0
     if bits == 4 and m <= 64:
         # session 8 (sweep-sa.json): the largest split that keeps the grid within `target` programs and
         # each split >= 8 groups (M <= 16; >= 4 above), and at M <= 16 at least 512 programs while splits
@@ -465,10 +475,17 @@ def gemm_config(m: int, n: int, k: int, bits: int = 4) -> dict:
             split *= 2
         while m <= 16 and tiles * split < 512 and groups // (2 * split) >= 4:
             split *= 2
-        scale_after = n <= 4096 if m <= 16 else split <= 2
+        scale_after = n <= 8192 if m <= 16 else split <= 2
+        kperm = 1 if m <= 16 else 2 if split <= 2 else 0
     else:
         while tiles * split < target and groups // (2 * split) >= 4:
             split *= 2
+        if bits == 4:
+            kperm, split = 2, 2 if tiles <= 128 and groups >= 8 else 1
     cfg = {"block_m": block_m, "block_n": block_n, "split_k": split, "num_warps": warps, "num_stages": 3,
            "block_w": block_w, "tma": tma}
-    return {**cfg, "scale_after": True} if scale_after else cfg
+    if scale_after:
+        cfg["scale_after"] = True
+    if kperm:
+        cfg["kperm"] = kperm
+    return cfg

@@ -277,10 +277,10 @@ def gemm(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block
     dequantized code pair straight into the MMA's register fragments (_wq_gemm_kernel); x follows that order,
     permuted per tile in the kernel (1) or once per call here (2, K a multiple of 128)."""
     m = x2.shape[0]
-    if kperm and not (asm and p.bits == 4 and p.int_zero and (block_w or 16) == 16):
+    if kperm and not kperm_ok(p, block_w or 16, 1, asm):
         raise ValueError("gemm: kperm needs the 4-bit packed dequantization (asm, integer zero points) and "
                          "16-word K steps")
-    if kperm == 2 and p.k % 128:
+    if kperm == 2 and not kperm_ok(p, block_w or 16, 2, asm):
         raise ValueError(f"gemm: kperm=2 permutes x per 128 columns, K={p.k} is not a multiple; use kperm=1")
     xp = kperm_x(x2, p) if kperm == 2 else stored_x(x2, p)
     if tma and not xp.is_contiguous():
@@ -310,6 +310,12 @@ def gemm(x2: torch.Tensor, p: WQPack, bias: torch.Tensor | None = None, *, block
         FP16=x2.dtype == torch.float16, TMA=tma, SCALE_AFTER=scale_after, KPERM=kperm, num_warps=num_warps,
         num_stages=num_stages)
     return y
+
+
+def kperm_ok(p: WQPack, block_w: int, kperm: int, asm: bool = True) -> bool:
+    """Whether gemm can run `kperm` on this pack: the 4-bit packed dequantization (integer zero points) in
+    16-word steps; kperm = 2 also needs K a multiple of 128 (x is permuted per 128 columns)."""
+    return asm and p.bits == 4 and p.int_zero and block_w == 16 and (kperm != 2 or p.k % 128 == 0)
 
 
 def kperm_x(x2: torch.Tensor, p: WQPack) -> torch.Tensor:
